@@ -1,0 +1,1 @@
+"""Stubs generated from deepsurgery/v1/inference.proto: python -m protos.generate."""

@@ -1,0 +1,63 @@
+"""Regenerate the Python stubs of protos/deepsurgery/v1/inference.proto.
+
+    python -m protos.generate            # rewrite protos/deepsurgery/v1/*_pb2*.py
+    python -m protos.generate --out DIR  # write them under DIR/deepsurgery/v1/ instead
+
+protoc writes `from deepsurgery.v1 import inference_pb2` into the grpc stub, which only works
+with protos/ on sys.path; `fix_imports` makes it a relative import so the stubs import as
+`protos.deepsurgery.v1`. tests/runtime/test_protos.py runs the same two steps and compares.
+Needs grpcio-tools (the dev extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+PROTO_ROOT = Path(__file__).resolve().parent
+PROTO_FILES = ["deepsurgery/v1/inference.proto"]
+GENERATED = ["deepsurgery/v1/inference_pb2.py", "deepsurgery/v1/inference_pb2_grpc.py"]
+
+
+def fix_imports(source: str) -> str:
+    """`from deepsurgery.v1 import x_pb2` -> `from . import x_pb2` (stubs live in one package)."""
+    return re.sub(r"^from deepsurgery\.v1 import ", "from . import ", source, flags=re.M)
+
+
+def generate(out_dir: Path) -> list[Path]:
+    """Run protoc on PROTO_FILES into out_dir; return the written stub paths."""
+    from grpc_tools import protoc
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args = [
+        "grpc_tools.protoc",
+        f"-I{PROTO_ROOT}",
+        f"--python_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+        *[str(PROTO_ROOT / p) for p in PROTO_FILES],
+    ]
+    if protoc.main(args) != 0:
+        raise RuntimeError(f"protoc failed on {PROTO_FILES}")
+    written = []
+    for rel in GENERATED:
+        path = out_dir / rel
+        path.write_text(fix_imports(path.read_text()))
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--out", type=Path, default=PROTO_ROOT, help="output root (default: protos/)"
+    )
+    args = parser.parse_args(argv)
+    for path in generate(args.out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Dynamic batching: requests of every task share one queue and one graph execution.
+
+A batch closes when it holds `max_batch` rows, when `max_delay` has passed since its first job
+was queued, or as soon as no other job is on its way (none queued, none being preprocessed), so
+a lone request never waits for company that is not coming. Jobs are never split: a `*` job of T
+rows goes into one batch whole. The work itself (`run_batch`) runs in one dedicated thread, so
+the event loop keeps accepting and preprocessing requests while the graph executes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("runtime.batcher")
+
+
+class DeadlineExpired(Exception):
+    """The job's deadline passed while it waited in the queue; it was not run."""
+
+
+@dataclass
+class Job:
+    """One request in the queue: `rows` model rows, answered together through `future`."""
+
+    payload: Any  # what run_batch needs (features, task indices, top_k, ...)
+    rows: int
+    deadline: float | None  # time.monotonic() after which nobody waits for the answer
+    future: asyncio.Future
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+RunBatch = Callable[[list[Any]], list[Any]]  # payloads -> one result per payload
+
+
+class Batcher:
+    def __init__(self, run_batch: RunBatch, max_batch: int = 32, max_delay_ms: float = 5.0):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_delay_ms < 0:
+            raise ValueError(f"max_delay_ms must be >= 0, got {max_delay_ms}")
+        self.run_batch = run_batch
+        self.max_batch = max_batch
+        self.max_delay = max_delay_ms / 1000.0
+        self._queue: deque[Job] = deque()
+        self._incoming = 0  # jobs being preprocessed, soon to be submitted
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._task: asyncio.Task | None = None
+        self.stats = {"batches": 0, "rows": 0, "jobs": 0, "expired": 0, "isolated_failures": 0}
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+
+    async def close(self) -> None:
+        """Stop after the current batch; jobs still queued fail (call after draining)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for job in self._queue:
+            if not job.future.done():
+                job.future.set_exception(RuntimeError("server shutting down"))
+        self._queue.clear()
+        self._executor.shutdown(wait=True)
+
+    @contextlib.contextmanager
+    def expecting(self) -> Iterator[None]:
+        """Wrap a job's preprocessing: the open batch waits for it (up to max_delay)."""
+        self._incoming += 1
+        try:
+            yield
+        finally:
+            self._incoming -= 1
+            self._wake.set()
+
+    def submit(self, payload: Any, rows: int, deadline: float | None = None) -> asyncio.Future:
+        """Queue a job; the returned future gets run_batch's result for it, or its exception."""
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append(Job(payload, rows, deadline, fut))
+        self._wake.set()
+        return fut
+
+    def _take_fitting(self, batch: list[Job], rows: int) -> int:
+        while self._queue and rows + self._queue[0].rows <= self.max_batch:
+            job = self._queue.popleft()
+            batch.append(job)
+            rows += job.rows
+        return rows
+
+    async def _next_batch(self) -> list[Job]:
+        while not self._queue:
+            self._wake.clear()
+            await self._wake.wait()
+        first = self._queue.popleft()
+        batch, rows = [first], first.rows
+        close_at = first.queued_at + self.max_delay
+        while True:
+            rows = self._take_fitting(batch, rows)
+            if rows >= self.max_batch or self._queue or self._incoming == 0:
+                return batch  # full, next job does not fit, or nobody else is coming
+            remaining = close_at - time.monotonic()
+            if remaining <= 0:
+                return batch
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), remaining)
+
+    def _live(self, batch: list[Job]) -> list[Job]:
+        """Drop jobs nobody waits for: cancelled by the client, or past their deadline."""
+        now = time.monotonic()
+        live = []
+        for job in batch:
+            if job.future.done():  # the RPC was cancelled (deadline or client gone)
+                self.stats["expired"] += 1
+            elif job.deadline is not None and now >= job.deadline:
+                self.stats["expired"] += 1
+                job.future.set_exception(DeadlineExpired("deadline passed before inference"))
+            else:
+                live.append(job)
+        return live
+
+    def _run_isolated(self, payloads: list[Any]) -> list[tuple[bool, Any]]:
+        """Run the batch; if it fails, run each job alone so one bad job fails only itself."""
+        try:
+            return [(True, r) for r in self.run_batch(payloads)]
+        except Exception:
+            if len(payloads) == 1:
+                raise
+        out = []
+        for p in payloads:
+            try:
+                out.append((True, self.run_batch([p])[0]))
+            except Exception as e:
+                self.stats["isolated_failures"] += 1
+                out.append((False, e))
+        return out
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = self._live(await self._next_batch())
+            if not batch:
+                continue
+            try:
+                results = await loop.run_in_executor(
+                    self._executor, self._run_isolated, [j.payload for j in batch]
+                )
+            except Exception as e:
+                log.exception("batch of %d jobs failed", len(batch))
+                results = [(False, e)] * len(batch)
+            self.stats["batches"] += 1
+            self.stats["jobs"] += len(batch)
+            self.stats["rows"] += sum(j.rows for j in batch)
+            for job, (ok, value) in zip(batch, results, strict=True):
+                if job.future.done():
+                    continue
+                if ok:
+                    job.future.set_result(value)
+                else:
+                    job.future.set_exception(value)
