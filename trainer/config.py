@@ -1,0 +1,237 @@
+"""Run configuration: plain dataclasses loaded from TOML, validated before any work starts.
+
+A config is a TOML file (or the name of one shipped in ``trainer/configs``). Every section maps
+to one dataclass below; an unknown key is an error that lists the valid ones (mergekit-style:
+fail before work, not halfway through).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class BackboneConfig:
+    kind: str = "hf_text"  # hf_text | open_clip_vit
+    # hf_text: a local model directory, or "minilm" for the packaged all-MiniLM-L6-v2.
+    # open_clip_vit: a local weights file (safetensors / .pt) or "" for seeded random weights.
+    path: str = "minilm"
+    # open_clip_vit: an open_clip model name ("ViT-B-32") or an inline vision config.
+    model: str = ""
+    vision_cfg: dict = field(default_factory=dict)
+    embed_dim: int = 0
+    max_length: int = 128  # text: tokens per input (truncation)
+    pooling: str = "mean"  # hf_text: mean | cls
+    init_seed: int = 0  # open_clip_vit without weights: seed of the random init
+
+
+@dataclass
+class TaskConfig:
+    name: str = ""
+    path: str = ""  # folder (jsonl text / class folders of images) or an .npz file
+    checkpoint: str = ""  # optional: expert weights (safetensors) instead of fine-tuning here
+    train_limit: int = 0  # 0 = every training row
+    test_limit: int = 0  # 0 = every test row
+
+
+@dataclass
+class FinetuneConfig:
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup: float = 0.1  # fraction of steps with linear warm-up, then cosine decay
+    head_lr: float = 1e-3  # the fresh linear head learns faster than the pretrained body
+    seed: int = 0
+
+
+@dataclass
+class MergeConfig:
+    methods: list = field(default_factory=lambda: ["task_arithmetic"])
+    task_arithmetic: dict = field(default_factory=dict)  # {"lam": 0.3}
+    ties_merging: dict = field(default_factory=dict)  # {"k": 20, "lam": 0.3}
+    weight_averaging: dict = field(default_factory=dict)
+    adamerging: dict = field(default_factory=dict)
+
+
+@dataclass
+class SurgeryConfig:
+    modes: list = field(default_factory=lambda: ["none"])
+    # rows to run surgery for: "all" or a list of merge method names
+    methods: Any = "all"
+    rank: int = 16
+    loss: str = "l1"
+    iterations: int = 200
+    batch_size: int = 16
+    lr: float = 1e-3
+    unlabeled: str = "test"  # test | task:<name> | a folder / file of wild inputs
+    unlabeled_fraction: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 64
+
+
+@dataclass
+class OutputConfig:
+    bundle: str = "best"  # "best" (highest avg merged row) or "<method>/<surgery>"
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    seed: int = 0
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    surgery: SurgeryConfig = field(default_factory=SurgeryConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    tasks: list[TaskConfig] = field(default_factory=list)
+    demo: dict = field(default_factory=dict)  # options of the generated demo data
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise UserError(f"config section [{where}] must be a table, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            valid = ", ".join(sorted(fields))
+            raise UserError(f"unknown config key '{where}.{key}'; valid keys of [{where}]: {valid}")
+        f = fields[key]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            value = _build(type(default), value, f"{where}.{key}")
+        elif key == "tasks":
+            if not isinstance(value, list):
+                raise UserError("config key 'tasks' must be an array of tables ([[tasks]])")
+            value = [_build(TaskConfig, t, f"tasks[{i}]") for i, t in enumerate(value)]
+        else:
+            value = _coerce(value, default, f"{where}.{key}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, default: Any, where: str) -> Any:
+    """Check a scalar against its default's type (ints are accepted where floats are)."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise UserError(f"config key '{where}' must be true or false, got {value!r}")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"config key '{where}' must be a number, got {value!r}")
+        value = float(value)
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"config key '{where}' must be an integer, got {value!r}")
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise UserError(f"config key '{where}' must be a string, got {value!r}")
+    elif isinstance(default, list) and not isinstance(value, list):
+        raise UserError(f"config key '{where}' must be an array, got {value!r}")
+    elif isinstance(default, dict) and not isinstance(value, dict):
+        raise UserError(f"config key '{where}' must be a table, got {value!r}")
+    return value
+
+
+def _parse_value(text: str) -> Any:
+    """Parse the value of ``--set key=value`` as TOML, falling back to a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``--set section.key=value`` strings to the raw TOML dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set expects section.key=value, got '{item}'")
+        key, text = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {key}: '{part}' is not a section")
+        node[parts[-1]] = _parse_value(text.strip())
+    return raw
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A shipped config by name (``text-bench``) or a path to a TOML file."""
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".toml" or os.sep in name_or_path:
+        if not candidate.is_file():
+            raise UserError(f"config file not found: {candidate} (expected a TOML file)")
+        return candidate
+    shipped = CONFIG_DIR / f"{name_or_path}.toml"
+    if shipped.is_file():
+        return shipped
+    if candidate.is_file():
+        return candidate
+    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
+    raise UserError(f"unknown config '{name_or_path}': not a file; shipped configs: {names}")
+
+
+def load_config(name_or_path: str = "demo", overrides: list[str] | None = None) -> Config:
+    path = resolve_config_path(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"config {path} is not valid TOML: {exc}") from None
+    raw = apply_overrides(raw, overrides or [])
+    raw.setdefault("name", path.stem)
+    config = _build(Config, raw, "config")
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Semantic checks that need no data (types were checked while building)."""
+    from .merging import MERGE_METHODS  # local: merging imports torch
+
+    if config.backbone.kind not in ("hf_text", "open_clip_vit"):
+        raise UserError(
+            f"backbone.kind '{config.backbone.kind}' is unknown; use hf_text or open_clip_vit"
+        )
+    if config.backbone.pooling not in ("mean", "cls"):
+        raise UserError(f"backbone.pooling '{config.backbone.pooling}' is unknown; use mean or cls")
+    if config.backbone.kind == "open_clip_vit" and not (
+        config.backbone.model or config.backbone.vision_cfg
+    ):
+        raise UserError("backbone.kind open_clip_vit needs backbone.model or backbone.vision_cfg")
+    if not config.tasks and not config.demo:
+        raise UserError("the config lists no tasks: add [[tasks]] tables with name and path")
+    names = [t.name for t in config.tasks]
+    for i, task in enumerate(config.tasks):
+        if not task.name:
+            raise UserError(f"tasks[{i}] has no name")
+        if not task.path:
+            raise UserError(f"task '{task.name}' has no path (a data folder or .npz file)")
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise UserError(f"task names must be unique; repeated: {', '.join(sorted(dup))}")
+    for method in config.merge.methods:
+        if method not in MERGE_METHODS:
+            valid = ", ".join(sorted(MERGE_METHODS))
+            raise UserError(f"unknown merge method '{method}'; valid: {valid}")
+    if config.finetune.steps < 1 or config.finetune.batch_size < 1:
+        raise UserError("finetune.steps and finetune.batch_size must be >= 1")
+    if config.eval.batch_size < 1:
+        raise UserError("eval.batch_size must be >= 1")
