@@ -1,0 +1,137 @@
+"""The batcher without a network: mixed jobs share one run, deadlines, isolation, no idle wait."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from runtime.batcher import Batcher, DeadlineExpired
+
+
+class Recorder:
+    """run_batch stand-in: records each call's payloads; payload 'bad' makes a batch fail."""
+
+    def __init__(self, delay: float = 0.0):
+        self.calls: list[list] = []
+        self.delay = delay
+
+    def __call__(self, payloads):
+        self.calls.append(list(payloads))
+        if self.delay:
+            time.sleep(self.delay)
+        if "bad" in payloads:
+            raise ValueError("bad row")
+        return [f"out:{p}" for p in payloads]
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 10))
+
+
+def test_concurrent_jobs_share_one_run_and_keep_their_results():
+    rec = Recorder()
+
+    async def main():
+        b = Batcher(rec, max_batch=64, max_delay_ms=50)
+        b.start()
+        with b.expecting():  # a job still being preprocessed holds the batch open
+            futs = [b.submit(f"job{i}", rows=1 + i % 3) for i in range(10)]
+            await asyncio.sleep(0.01)
+            futs.append(b.submit("last", rows=2))
+        out = await asyncio.gather(*futs)
+        await b.close()
+        return out
+
+    out = run(main())
+    assert out == [f"out:job{i}" for i in range(10)] + ["out:last"]
+    assert len(rec.calls) == 1 and len(rec.calls[0]) == 11
+
+
+def test_max_batch_counts_rows_and_never_splits_a_job():
+    rec = Recorder()
+
+    async def main():
+        b = Batcher(rec, max_batch=4, max_delay_ms=50)
+        futs = [b.submit(f"j{i}", rows=3) for i in range(3)] + [b.submit("big", rows=9)]
+        b.start()
+        await asyncio.gather(*futs)
+        await b.close()
+
+    run(main())
+    assert [c for c in rec.calls] == [["j0"], ["j1"], ["j2"], ["big"]]
+
+
+def test_lone_request_does_not_wait_for_max_delay():
+    rec = Recorder()
+
+    async def main():
+        b = Batcher(rec, max_batch=32, max_delay_ms=2000)
+        b.start()
+        t0 = time.monotonic()
+        await b.submit("solo", rows=1)
+        dt = time.monotonic() - t0
+        await b.close()
+        return dt
+
+    assert run(main()) < 0.5
+
+
+def test_waits_at_most_max_delay_for_expected_jobs():
+    rec = Recorder()
+
+    async def main():
+        b = Batcher(rec, max_batch=32, max_delay_ms=100)
+        b.start()
+        with b.expecting():  # never arrives in time
+            t0 = time.monotonic()
+            await b.submit("first", rows=1)
+            dt = time.monotonic() - t0
+        await b.close()
+        return dt
+
+    assert 0.09 <= run(main()) < 1.0
+
+
+def test_expired_jobs_are_dropped_before_inference():
+    rec = Recorder(delay=0.1)
+
+    async def main():
+        b = Batcher(rec, max_batch=1, max_delay_ms=0)
+        b.start()
+        slow = b.submit("slow", rows=1)  # occupies the engine for 100 ms
+        late = b.submit("late", rows=1, deadline=time.monotonic() + 0.02)
+        ok = b.submit("ok", rows=1, deadline=time.monotonic() + 5)
+        assert await slow == "out:slow"
+        with pytest.raises(DeadlineExpired):
+            await late
+        assert await ok == "out:ok"
+        await b.close()
+        return b.stats
+
+    stats = run(main())
+    assert ["late"] not in rec.calls and stats["expired"] == 1
+
+
+def test_a_failing_job_fails_alone():
+    rec = Recorder()
+
+    async def main():
+        b = Batcher(rec, max_batch=8, max_delay_ms=50)
+        futs = [b.submit(p, rows=1) for p in ("a", "bad", "c")]
+        b.start()
+        res = await asyncio.gather(*futs, return_exceptions=True)
+        await b.close()
+        return res, b.stats
+
+    (a, bad, c), stats = run(main())
+    assert (a, c) == ("out:a", "out:c") and isinstance(bad, ValueError)
+    assert rec.calls[0] == ["a", "bad", "c"] and stats["isolated_failures"] == 1
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="max_batch"):
+        Batcher(Recorder(), max_batch=0)
+    with pytest.raises(ValueError, match="max_delay_ms"):
+        Batcher(Recorder(), max_delay_ms=-1)
