@@ -12,7 +12,6 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .errors import UserError
 
@@ -66,8 +65,8 @@ class MergeConfig:
 @dataclass
 class SurgeryConfig:
     modes: list = field(default_factory=lambda: ["none"])
-    # rows to run surgery for: "all" or a list of merge method names
-    methods: Any = "all"
+    # merge methods to run surgery for; empty = every one of merge.methods
+    methods: list = field(default_factory=list)
     rank: int = 16
     loss: str = "l1"
     iterations: int = 200
@@ -231,7 +230,35 @@ def validate(config: Config) -> None:
         if method not in MERGE_METHODS:
             valid = ", ".join(sorted(MERGE_METHODS))
             raise UserError(f"unknown merge method '{method}'; valid: {valid}")
+    import inspect
+
+    for method in ("weight_averaging", "task_arithmetic", "ties_merging", "adamerging"):
+        params = inspect.signature(MERGE_METHODS[method]).parameters
+        valid = [n for n in params if n not in ("base", "experts", "context")]
+        for key in getattr(config.merge, method):
+            if key not in valid:
+                raise UserError(f"unknown config key 'merge.{method}.{key}'; valid: "
+                                f"{', '.join(valid) or '(none)'}")
     if config.finetune.steps < 1 or config.finetune.batch_size < 1:
         raise UserError("finetune.steps and finetune.batch_size must be >= 1")
+    from .model import SURGERY_MODES
+    from .surgery import LOSSES
+
+    sc = config.surgery
+    for mode in sc.modes:
+        if mode not in SURGERY_MODES:
+            raise UserError(f"unknown surgery mode '{mode}'; valid: {', '.join(SURGERY_MODES)}")
+    if sc.loss not in LOSSES:
+        raise UserError(f"unknown surgery.loss '{sc.loss}'; valid: {', '.join(LOSSES)}")
+    if sc.rank < 1:
+        raise UserError(f"surgery.rank must be >= 1, got {sc.rank}")
+    if not 0.0 < sc.unlabeled_fraction <= 1.0:
+        raise UserError(f"surgery.unlabeled_fraction must be in (0, 1], got {sc.unlabeled_fraction}")
+    if sc.iterations < 0 or sc.batch_size < 1 or sc.lr <= 0:
+        raise UserError("surgery.iterations must be >= 0, batch_size >= 1 and lr > 0")
+    unknown = [m for m in sc.methods if m not in config.merge.methods]
+    if unknown:
+        raise UserError(f"surgery.methods names {unknown[0]!r}, which is not among "
+                        f"merge.methods {config.merge.methods}")
     if config.eval.batch_size < 1:
         raise UserError("eval.batch_size must be >= 1")

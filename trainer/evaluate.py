@@ -1,4 +1,5 @@
-"""Evaluation: per-task top-1 accuracy, and the representation bias of PAPER.md (Def. IV.1)."""
+"""Evaluation: per-task top-1 accuracy and the representation bias (PAPER.md, Def. IV.1),
+both from ONE pass over the test split."""
 
 from __future__ import annotations
 
@@ -6,21 +7,42 @@ import torch
 
 from .data import Split
 from .model import MultiTaskModel
+from .surgery import Targets
 from .utils import length_order, progress, to_device
 
 
 @torch.no_grad()
-def accuracy(model: MultiTaskModel, task_index: int, split: Split, batch_size: int,
-             device: torch.device, desc: str = "eval") -> float:
-    """Top-1 accuracy of ``model`` on ``split`` with every row routed to ``task_index``."""
+def evaluate_task(model: MultiTaskModel, task_index: int, split: Split, batch_size: int,
+                  device: torch.device, expert: Targets | None = None,
+                  desc: str = "eval") -> tuple[float, list[float] | None]:
+    """Top-1 accuracy with every row routed to ``task_index``; with the expert's
+    representations of the same rows, also the bias b_l: the per-sample, per-dimension L1
+    distance to the expert at every block and at the final representation ([L + 1])."""
     model.eval()
     order = length_order(split.inputs)
-    correct = 0
     num_classes = model.heads.num_classes[task_index]
+    correct = 0
+    bias = torch.zeros(model.backbone.num_blocks + 1, dtype=torch.float64)
     for start in progress(range(0, len(order), batch_size), desc, "batch"):
-        part = split.take(order[start : start + batch_size])
+        rows = order[start : start + batch_size]
+        part = split.take(rows)
         batch = to_device(model.backbone.collate(part.inputs), device)
-        task_ids = torch.full((len(part),), task_index, dtype=torch.long, device=device)
-        logits = model(batch, task_ids)[:, :num_classes]
+        task_ids = torch.full((len(rows),), task_index, dtype=torch.long, device=device)
+        final, means = model.representations(batch, task_ids, block_means=expert is not None)
+        logits = model.heads(final, task_ids)[:, :num_classes]
         correct += (logits.argmax(-1).cpu() == torch.as_tensor(part.labels)).sum().item()
-    return correct / len(order)
+        if expert is not None:
+            target = expert.take(torch.as_tensor(rows))
+            for index, mean in enumerate(means):
+                bias[index] += (mean.float().cpu() - target.blocks[:, index]).abs().mean(-1).sum()
+            bias[-1] += (final.float().cpu() - target.final).abs().mean(-1).sum()
+    return correct / len(order), ((bias / len(order)).tolist() if expert is not None else None)
+
+
+@torch.no_grad()
+def accuracy_from_features(model: MultiTaskModel, task_index: int, final: torch.Tensor,
+                           labels, device: torch.device) -> float:
+    """Top-1 accuracy of task ``task_index``'s head on precomputed final representations."""
+    task_ids = torch.full((len(final),), task_index, dtype=torch.long, device=device)
+    logits = model.heads(final.to(device), task_ids)[:, : model.heads.num_classes[task_index]]
+    return (logits.argmax(-1).cpu() == torch.as_tensor(labels)).float().mean().item()

@@ -77,14 +77,16 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def fit(config: Config, data_root: Path, cache: Path, out: Path, device: torch.device) -> dict:
+    from .adamerging import MergeContext
     from .backbones import build_backbone
     from .bundle import write_bundle
-    from .evaluate import accuracy
+    from .evaluate import accuracy_from_features, evaluate_task
     from .experts import get_expert
-    from .merging import merge
+    from .merging import DATA_DRIVEN, merge
     from .model import Heads, MultiTaskModel
-    from .report import format_table, results_row, write_results
-    from .tasks import load_tasks
+    from .report import format_table, plot_bias, results_row, write_results
+    from .surgery import representations, train_surgery
+    from .tasks import load_tasks, unlabeled_inputs
     from .utils import state_fingerprint
 
     timing: dict[str, float] = {}
@@ -96,71 +98,110 @@ def fit(config: Config, data_root: Path, cache: Path, out: Path, device: torch.d
         timing[stage] = round(timing.get(stage, 0.0) + now - clock, 2)
         clock = now
 
-    # ---- 1. inputs: tasks and the pretrained base (all validated before any training) -------
+    # ---- 1. inputs: tasks, unlabeled data, the base (all checked before any training) -------
     torch.manual_seed(config.seed)
     tasks = load_tasks(config, data_root, cache)
+    names = [t.name for t in tasks]
+    sc = config.surgery
+    needs_unlabeled = any(m != "none" for m in sc.modes) or DATA_DRIVEN & set(config.merge.methods)
+    unlabeled = unlabeled_inputs(config, tasks, data_root) if needs_unlabeled else None
     base = build_backbone(config.backbone)
     for task in tasks:
         if task.modality != base.modality:
             raise UserError(f"task '{task.name}' holds {task.modality} data but the backbone "
                             f"'{config.backbone.kind}' reads {base.modality}")
+    if sc.rank > min(base.width, base.feature_dim):
+        raise UserError(f"surgery.rank {sc.rank} exceeds the backbone width "
+                        f"{min(base.width, base.feature_dim)}; use a rank in 1..{base.width}")
     base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
-    names = [t.name for t in tasks]
     log.info("%d tasks (%s) on %s, device %s", len(tasks), ", ".join(names),
              config.backbone.kind, device)
     lap("load")
 
     # ---- 2. experts: checkpoints, cache, or fine-tuned here ---------------------------------
     key_parts = {"backbone": base.spec(), "weights": state_fingerprint(base_state)}
-    task_cfgs = {t.name: t for t in config.tasks}
+    checkpoints = {t.name: t.checkpoint for t in config.tasks}
     experts = []
     for task in tasks:
-        checkpoint = task_cfgs[task.name].checkpoint if task.name in task_cfgs else ""
-        expert = get_expert(task, checkpoint, base, base_state, config.finetune, cache,
-                            key_parts, device, base.normalize_head)
+        expert = get_expert(task, checkpoints.get(task.name, ""), base, base_state,
+                            config.finetune, cache, key_parts, device, base.normalize_head)
         log.info("expert %-12s %s", task.name, expert.source)
         experts.append(expert)
     lap("experts")
 
     heads = Heads([e.head_weight for e in experts], [e.head_bias for e in experts],
                   normalize=base.normalize_head)
-    model = MultiTaskModel(base, heads, names).to(device)
+    plain = MultiTaskModel(base, heads, names).to(device)
     batch_size = config.eval.batch_size
 
-    def evaluate_all(m: MultiTaskModel, label: str) -> dict[str, float]:
-        return {t.name: accuracy(m, i, t.test, batch_size, device, f"{label} {t.name}")
-                for i, t in enumerate(tasks)}
-
-    # ---- 3. rows: individual experts, then every merge method × surgery mode -----------------
-    rows = []
-    individual = {}
+    # ---- 3. the experts' representations: the individual row, bias and surgery targets ------
+    rows: list[dict] = []
+    test_targets, train_targets, individual = [], [], {}
     for i, (task, expert) in enumerate(zip(tasks, experts)):
-        model.backbone.load_state_dict(expert.state)
-        individual[task.name] = accuracy(model, i, task.test, batch_size, device,
-                                         f"individual {task.name}")
+        plain.backbone.load_state_dict(expert.state)
+        feats = representations(plain.backbone, task.test.inputs, batch_size, device,
+                                f"expert {task.name}")
+        test_targets.append(feats)
+        individual[task.name] = accuracy_from_features(plain, i, feats.final, task.test.labels,
+                                                       device)
+        if unlabeled is not None and any(m != "none" for m in sc.modes):
+            same = sc.unlabeled == "test" and sc.unlabeled_fraction == 1.0
+            train_targets.append(feats if same else representations(
+                plain.backbone, unlabeled[i], batch_size, device, f"targets {task.name}"))
     rows.append(results_row("individual", "none", individual))
-    lap("eval")
+    lap("targets")
 
+    # ---- 4. every merge method × surgery mode -------------------------------------------------
+    bias: dict[str, list[float]] = {}
+    surgery_stats: dict[str, dict] = {}
     best = None
+    surgery_methods = sc.methods or config.merge.methods
     for method in config.merge.methods:
         hparams = dict(getattr(config.merge, method))
-        merged = merge(method, base_state, [e.state for e in experts], **hparams)
+        extra = {}
+        if method in DATA_DRIVEN:
+            plain.backbone.load_state_dict(base_state)
+            extra["context"] = MergeContext(plain.backbone, plain.heads, unlabeled, device,
+                                            config.seed)
+        merged = merge(method, base_state, [e.state for e in experts], **hparams, **extra)
         lap("merge")
-        model.backbone.load_state_dict(merged)
-        acc = evaluate_all(model, method)
-        rows.append(results_row(method, "none", acc))
-        lap("eval")
-        if best is None or rows[-1]["avg"] > best[0]["avg"]:
-            best = (rows[-1], {k: v.detach().cpu().clone() for k, v in merged.items()}, hparams)
+        for mode in sc.modes:
+            if mode != "none" and method not in surgery_methods:
+                continue
+            plain.backbone.load_state_dict(merged)
+            model = MultiTaskModel(plain.backbone, plain.heads, names, mode, sc.rank,
+                                   config.seed).to(device)
+            if mode != "none":
+                result = train_surgery(model, unlabeled, train_targets, sc.iterations,
+                                       sc.batch_size, sc.lr, sc.loss, device, sc.seed)
+                surgery_stats[f"{method}/{mode}"] = {
+                    "seconds_per_iteration": round(result.seconds_per_iteration, 4),
+                    "loss_first": result.losses[0] if result.losses else None,
+                    "loss_last": result.losses[-1] if result.losses else None}
+                lap("surgery")
+            acc, per_task_bias = {}, []
+            for i, task in enumerate(tasks):
+                acc[task.name], b = evaluate_task(model, i, task.test, batch_size, device,
+                                                  test_targets[i], f"{method}/{mode} {task.name}")
+                per_task_bias.append(b)
+            bias[f"{method}/{mode}"] = [sum(v) / len(v) for v in zip(*per_task_bias)]
+            rows.append(results_row(method, mode, acc))
+            lap("eval")
+            if _chosen(config.output.bundle, rows[-1], best):
+                best = (rows[-1], model, hparams)
+                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
-    # ---- 4. outputs: results.json, then the bundle of the chosen row -------------------------
+    # ---- 5. outputs: results.json, the bias plot, the bundle ---------------------------------
     results = {
         "suite": config.name, "backbone": base.spec(), "tasks": names, "rows": rows,
-        "bias": {}, "timing_s": timing, "device": str(device), "config": config.to_dict(),
+        "bias": bias, "surgery": surgery_stats, "timing_s": timing, "device": str(device),
+        "config": config.to_dict(),
     }
+    out.mkdir(parents=True, exist_ok=True)
+    plot_bias(out / "bias.png", bias, config.name)
     if best is not None:
-        row, merged, hparams = best
-        model.backbone.load_state_dict(merged)
+        row, model, hparams = best
+        model.load_state_dict(best_state)
         info = {"suite": config.name, "merge": {"method": row["method"], "hparams": hparams},
                 "accuracy": row}
         write_bundle(out / "bundle", model.cpu(), [t.classes for t in tasks], info)
@@ -168,7 +209,17 @@ def fit(config: Config, data_root: Path, cache: Path, out: Path, device: torch.d
     results["timing_s"] = timing
     write_results(out / "results.json", results)
     print(format_table(names, rows))
+    print(f"{config.name}: best merged row {best[0]['method']}/{best[0]['surgery']} "
+          f"avg {100 * best[0]['avg']:.1f} vs individual {100 * rows[0]['avg']:.1f}; "
+          f"{sum(timing.values()):.0f} s on {device}" if best else "no merged rows")
     return results
+
+
+def _chosen(choice: str, row: dict, best) -> bool:
+    """Is ``row`` the one the bundle should hold? ``best`` = highest average merged row."""
+    if choice == "best":
+        return best is None or row["avg"] > best[0]["avg"]
+    return choice == f"{row['method']}/{row['surgery']}"
 
 
 if __name__ == "__main__":

@@ -23,6 +23,10 @@ def register(name: str):
     return wrap
 
 
+# methods that learn from unlabeled data take a ``context`` (see adamerging.MergeContext)
+DATA_DRIVEN = {"adamerging"}
+
+
 def merge(method: str, base: StateDict, experts: list[StateDict], **hparams) -> StateDict:
     if method not in MERGE_METHODS:
         raise KeyError(f"unknown merge method '{method}'; valid: {', '.join(sorted(MERGE_METHODS))}")
@@ -88,3 +92,6 @@ def ties_merging(base: StateDict, experts: list[StateDict], k: float = 20.0,
         count = agree.sum(0).clamp(min=1)
         delta[key] = lam * (trimmed * agree).sum(0) / count
     return _apply(base, delta)
+
+
+from . import adamerging as _adamerging  # noqa: E402,F401  (registers "adamerging")

@@ -34,3 +34,29 @@ def format_table(tasks: list[str], rows: list[dict]) -> str:
 
 def write_results(path: Path, results: dict) -> None:
     write_json_atomic(path, results)
+
+
+def plot_bias(path: Path, bias: dict[str, list[float]], title: str) -> None:
+    """Representation bias per block for each method/surgery row (the paper's Fig. 10)."""
+    if not bias:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, values in bias.items():
+        style = {"none": "-", "surgery": "--", "surgeryv2": ":"}[label.split("/")[1]]
+        ax.plot(range(1, len(values) + 1), values, style, marker="o", label=label)
+    blocks = len(next(iter(bias.values())))
+    ax.set_xticks(range(1, blocks + 1), [*map(str, range(1, blocks)), "final"])
+    ax.set_xlabel("block")
+    ax.set_ylabel("representation bias (mean L1 to the expert)")
+    ax.set_title(f"{title}: representation bias per block")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

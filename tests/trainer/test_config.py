@@ -1,0 +1,50 @@
+"""Config loading and validation: errors name the problem before any work starts."""
+
+import pytest
+
+from trainer.config import load_config
+from trainer.errors import UserError
+
+
+def test_shipped_configs_load_by_name():
+    demo = load_config("demo")
+    assert demo.demo and demo.backbone.path == "minilm"
+    bench = load_config("text-bench")
+    assert [t.name for t in bench.tasks] == ["agnews", "amazon", "yelp", "dbpedia"]
+    assert bench.backbone.max_length == 128
+
+
+def test_unknown_key_is_named_with_the_valid_ones(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[finetune]\nstepz = 3\n[[tasks]]\nname = "a"\npath = "x"\n')
+    with pytest.raises(UserError) as err:
+        load_config(str(path))
+    assert "finetune.stepz" in str(err.value) and "steps" in str(err.value)
+
+
+def test_set_overrides_and_type_checks():
+    cfg = load_config("demo", ["finetune.steps=7", "surgery.loss=mse", "merge.task_arithmetic.lam=0.5"])
+    assert cfg.finetune.steps == 7 and cfg.surgery.loss == "mse"
+    assert cfg.merge.task_arithmetic == {"lam": 0.5}
+    with pytest.raises(UserError, match="must be an integer"):
+        load_config("demo", ["finetune.steps=many"])
+    with pytest.raises(UserError, match="merge.task_arithmetic.lambda"):
+        load_config("demo", ["merge.task_arithmetic.lambda=0.5"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("surgery.rank=0", "rank must be >= 1"),
+    ("surgery.loss='huber'", "unknown surgery.loss"),
+    ("surgery.modes=['deep']", "unknown surgery mode"),
+    ("surgery.unlabeled_fraction=0", r"unlabeled_fraction must be in \(0, 1\]"),
+    ("surgery.unlabeled_fraction=1.5", r"unlabeled_fraction must be in \(0, 1\]"),
+    ("merge.methods=['magic']", "unknown merge method"),
+])
+def test_bad_surgery_and_merge_settings(override, message):
+    with pytest.raises(UserError, match=message):
+        load_config("demo", [override])
+
+
+def test_unknown_config_name():
+    with pytest.raises(UserError, match="shipped configs: .*text-bench"):
+        load_config("no-such-config")

@@ -1,0 +1,112 @@
+"""python -m trainer.fit end to end on a tiny model, and its one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import REPO
+from trainer.bundle import load_bundle
+from trainer.fit import main
+from trainer.utils import sha256_file
+
+
+def _run(config, tmp_path, *extra):
+    return main(["--config", str(config), "--data", str(tmp_path / "data"),
+                 "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"), *extra])
+
+
+def test_fit_writes_results_bundle_and_table(tiny_config, tmp_path, capsys):
+    assert _run(tiny_config, tmp_path) == 0
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())
+    labels = [(r["method"], r["surgery"]) for r in results["rows"]]
+    assert labels == [("individual", "none"), ("weight_averaging", "none"),
+                      ("task_arithmetic", "none"), ("task_arithmetic", "surgery"),
+                      ("task_arithmetic", "surgeryv2"), ("ties_merging", "none")]
+    for row in results["rows"]:
+        assert set(row["acc"]) == {"animals", "colours"}
+        assert 0.0 <= row["avg"] <= 1.0
+    assert len(results["bias"]["task_arithmetic/none"]) == 3  # 2 blocks + final
+    assert results["device"] == "cpu" and "experts" in results["timing_s"]
+    assert (out / "bias.png").stat().st_size > 1000
+    table = capsys.readouterr().out
+    assert "Avg" in table and "task_arithmetic w/ SurgeryV2" in table
+    # the bundle: verified sha256, and it rebuilds the measured model exactly
+    manifest = json.loads((out / "bundle" / "manifest.json").read_text())
+    for name, digest in manifest["sha256"].items():
+        assert sha256_file(out / "bundle" / name) == digest
+    model, _ = load_bundle(out / "bundle")
+    assert model.task_names == ["animals", "colours"]
+    assert manifest["accuracy"]["avg"] == max(r["avg"] for r in results["rows"][1:])
+    # warm run: experts come from the cache
+    assert _run(tiny_config, tmp_path) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["rows"] == results["rows"]
+
+
+def _error(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0]
+    return err[0]
+
+
+def test_unknown_config_key(tiny_config, tmp_path, capsys):
+    assert _run(tiny_config, tmp_path, "--set", "surgery.rnak=4") == 2
+    assert "surgery.rnak" in _error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_task_path(tiny_config, tmp_path, capsys):
+    tiny_config.write_text(tiny_config.read_text().replace("{data}/colours", "{data}/nothing"))
+    assert _run(tiny_config, tmp_path) == 2
+    assert "nothing" in _error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_rank_wider_than_the_backbone(tiny_config, tmp_path, capsys):
+    assert _run(tiny_config, tmp_path, "--set", "surgery.rank=64") == 2
+    assert "exceeds the backbone width 32" in _error(capsys)
+
+
+def test_wild_folder_missing_or_empty(tiny_config, tmp_path, capsys):
+    assert _run(tiny_config, tmp_path, "--set", f"surgery.unlabeled='{tmp_path}/wild'") == 2
+    assert "does not exist" in _error(capsys)
+    (tmp_path / "wild").mkdir()
+    assert _run(tiny_config, tmp_path, "--set", f"surgery.unlabeled='{tmp_path}/wild'") == 2
+    assert "holds no inputs" in _error(capsys)
+
+
+def test_cuda_without_cuda(tiny_config, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert _run(tiny_config, tmp_path, "--device", "cuda") == 2
+    assert "CUDA is not available" in _error(capsys)
+
+
+def test_expert_checkpoint_with_a_mismatched_parameter(tiny_config, tmp_path, tiny_bert_dir,
+                                                       capsys):
+    weights = load_file(str(tiny_bert_dir / "model.safetensors"))
+    tensors = {f"backbone.model.{k}": v for k, v in weights.items()}
+    key = "backbone.model.encoder.layer.0.attention.self.query.weight"
+    tensors[key] = tensors[key][:16]
+    import torch
+
+    tensors["head.weight"], tensors["head.bias"] = torch.zeros(2, 32), torch.zeros(2)
+    save_file(tensors, str(tmp_path / "expert.safetensors"))
+    text = tiny_config.read_text().replace(
+        'path = "{data}/animals"', f'path = "{{data}}/animals"\ncheckpoint = "{tmp_path}/expert.safetensors"')
+    tiny_config.write_text(text)
+    assert _run(tiny_config, tmp_path) == 2
+    msg = _error(capsys)
+    assert "encoder.layer.0.attention.self.query.weight" in msg and "shape [16, 32]" in msg
+
+
+def test_cli_module_exit_code():
+    proc = subprocess.run([sys.executable, "-m", "trainer.fit", "--config", "nope"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: unknown config 'nope'")
