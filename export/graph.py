@@ -1,0 +1,137 @@
+"""Trace the trainer's ``MultiTaskModel.forward`` into ONNX; fp16 conversion; CPU sessions.
+
+The graphs are thin wrappers that turn positional tensors into the batch dict the trainer's
+forward takes, so there is no second implementation of the forward pass: what is exported is
+the exact module the trainer evaluated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trainer.errors import UserError
+from trainer.model import MultiTaskModel
+
+DEFAULT_OPSET = 18
+
+
+def input_names(modality: str) -> list[str]:
+    """The backbone's graph inputs, in the order the graph takes them (task_ids comes last)."""
+    return ["pixel_values"] if modality == "image" else ["input_ids", "attention_mask"]
+
+
+class FusedGraph(nn.Module):
+    """(inputs..., task_ids [B]) -> logits [B, C_max]: every task in one graph."""
+
+    def __init__(self, model: MultiTaskModel):
+        super().__init__()
+        self.model = model
+        self.names = input_names(model.backbone.modality)
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        *inputs, task_ids = tensors
+        return self.model(dict(zip(self.names, inputs, strict=True)), task_ids)
+
+
+class SingleTaskGraph(nn.Module):
+    """(inputs...) -> logits [B, num_classes]: one task's model (``--per-task``), no task_ids."""
+
+    def __init__(self, model: MultiTaskModel):
+        super().__init__()
+        if len(model.task_names) != 1:
+            raise ValueError("SingleTaskGraph needs a model holding exactly one task")
+        self.model = model
+        self.names = input_names(model.backbone.modality)
+        self.num_classes = model.heads.num_classes[0]
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        batch = dict(zip(self.names, inputs, strict=True))
+        task_ids = inputs[0].new_zeros(inputs[0].shape[0], dtype=torch.long)  # [B]: task 0
+        return self.model(batch, task_ids)[:, : self.num_classes]
+
+
+def _dynamic_shapes(modality: str, with_task_ids: bool) -> tuple:
+    batch = torch.export.Dim("batch")
+    if modality == "image":
+        specs = [{0: batch}]
+    else:
+        sequence = torch.export.Dim("sequence")
+        specs = [{0: batch, 1: sequence}, {0: batch, 1: sequence}]
+    if with_task_ids:
+        specs.append({0: batch})
+    return (tuple(specs),)  # the wrappers take *tensors: one positional slot holding them all
+
+
+def export_graph(
+    graph: nn.Module, example: tuple[torch.Tensor, ...], path: Path, opset: int = DEFAULT_OPSET
+) -> None:
+    """torch.export (dynamo) the wrapper to a single self-contained ``path``, dynamic B (and S).
+
+    ``example`` must have B >= 2 (and S >= 2): torch.export specialises dimensions of size 1.
+    """
+    fused = isinstance(graph, FusedGraph)
+    names = list(graph.names) + (["task_ids"] if fused else [])
+    graph = graph.eval()
+    log = io.StringIO()
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(log):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            graph,
+            example,
+            dynamo=True,
+            input_names=names,
+            output_names=["logits"],
+            dynamic_shapes=_dynamic_shapes(graph.model.backbone.modality, fused),
+            opset_version=opset,
+            external_data=False,
+            verbose=False,
+        )
+        program.save(str(path), external_data=False)
+
+
+def convert_to_fp16(path: Path) -> None:
+    """fp32 graph -> fp16 weights and activations, in place; inputs/outputs stay float32
+    (the runtime feeds float32 pixel_values and reads float32 logits)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # constants beyond fp16's range (e.g. finfo(float32).min in the attention mask) are
+        # clipped to ±65504, which still masks; padding logits (-1e4) are exact in fp16
+        model16 = convert_float_to_float16(model, keep_io_types=True)
+    onnx.save(model16, str(path))
+
+
+def check_graph(path: Path) -> None:
+    import onnx
+
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def cpu_session(path: Path, threads: int = 0, precision: str = "fp32"):
+    """An onnxruntime session on the CPU provider; a graph with ops that have no kernel for its
+    precision becomes a one-line UserError."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own pybind types (NotImplemented, Fail)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if precision == "fp16":
+            raise UserError(
+                f"the fp16 graph cannot run on onnxruntime's CPU provider ({first}); "
+                "export with --precision fp32"
+            ) from None
+        raise UserError(f"onnxruntime cannot load the exported graph: {first}") from None
