@@ -260,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=500, help="requests sent before timing")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-delay-ms", type=float, default=5.0)
+    p.add_argument("--max-batch-tokens", type=int, default=0, help="server flag (0: no cap)")
+    p.add_argument("--intra-op-threads", type=int, default=0, help="server flag (0: auto)")
     p.add_argument("--providers", default="cpu", choices=["auto", "cuda", "cpu"])
     p.add_argument("--no-naive", action="store_true", help="only measure the fused server")
     p.add_argument("--out", type=Path, default=RESULTS / "serving_load.json")
@@ -286,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     field_name, inputs = model_inputs(manifest)
     kinds = [*tasks, "*"]
     flags = ["--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms)]
-    flags += ["--providers", args.providers]
+    flags += ["--providers", args.providers, "--max-batch-tokens", str(args.max_batch_tokens)]
+    flags += ["--intra-op-threads", str(args.intra_op_threads)]
     common = dict(
         kinds=kinds,
         field=field_name,

@@ -3,8 +3,11 @@
 A batch closes when it holds `max_batch` rows, when `max_delay` has passed since its first job
 was queued, or as soon as no other job is on its way (none queued, none being preprocessed), so
 a lone request never waits for company that is not coming. Jobs are never split: a `*` job of T
-rows goes into one batch whole. The work itself (`run_batch`) runs in one dedicated thread, so
-the event loop keeps accepting and preprocessing requests while the graph executes.
+rows goes into one batch whole. The oldest job always opens the next batch (no starvation); the
+others are picked by how close their length (tokens) is to it, because every row is padded to
+the batch's longest: on CPU, padding is compute thrown away. `max_tokens` (rows x longest)
+optionally caps a batch's padded size. The work itself (`run_batch`) runs in one dedicated
+thread, so the event loop keeps accepting and preprocessing requests while the graph executes.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class Job:
     rows: int
     deadline: float | None  # time.monotonic() after which nobody waits for the answer
     future: asyncio.Future
+    length: int = 0  # padded dimension of its rows (text: tokens); 0 when rows do not vary
     queued_at: float = field(default_factory=time.monotonic)
 
 
@@ -41,11 +45,20 @@ RunBatch = Callable[[list[Any]], list[Any]]  # payloads -> one result per payloa
 
 
 class Batcher:
-    def __init__(self, run_batch: RunBatch, max_batch: int = 32, max_delay_ms: float = 5.0):
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        max_batch: int = 32,
+        max_delay_ms: float = 5.0,
+        max_tokens: int = 0,
+    ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_delay_ms < 0:
             raise ValueError(f"max_delay_ms must be >= 0, got {max_delay_ms}")
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0 (0: no limit), got {max_tokens}")
+        self.max_tokens = max_tokens
         self.run_batch = run_batch
         self.max_batch = max_batch
         self.max_delay = max_delay_ms / 1000.0
@@ -81,18 +94,39 @@ class Batcher:
             self._incoming -= 1
             self._wake.set()
 
-    def submit(self, payload: Any, rows: int, deadline: float | None = None) -> asyncio.Future:
+    def submit(
+        self, payload: Any, rows: int, deadline: float | None = None, length: int = 0
+    ) -> asyncio.Future:
         """Queue a job; the returned future gets run_batch's result for it, or its exception."""
         fut = asyncio.get_running_loop().create_future()
-        self._queue.append(Job(payload, rows, deadline, fut))
+        self._queue.append(Job(payload, rows, deadline, fut, length))
         self._wake.set()
         return fut
 
+    def _fits(self, rows: int, longest: int) -> bool:
+        if rows > self.max_batch:
+            return False
+        return not self.max_tokens or rows * longest <= self.max_tokens
+
     def _take_fitting(self, batch: list[Job], rows: int) -> int:
-        while self._queue and rows + self._queue[0].rows <= self.max_batch:
-            job = self._queue.popleft()
-            batch.append(job)
-            rows += job.rows
+        """Add queued jobs closest in length to the batch's first, while they fit."""
+        if not self._queue:
+            return rows
+        anchor = batch[0].length
+        longest = max(j.length for j in batch)
+        queue = list(self._queue)
+        taken = set()
+        for i in sorted(range(len(queue)), key=lambda i: abs(queue[i].length - anchor)):
+            job = queue[i]
+            if self._fits(rows + job.rows, max(longest, job.length)):
+                batch.append(job)
+                rows += job.rows
+                longest = max(longest, job.length)
+                taken.add(i)
+                if rows >= self.max_batch:
+                    break
+        if taken:
+            self._queue = deque(j for i, j in enumerate(queue) if i not in taken)
         return rows
 
     async def _next_batch(self) -> list[Job]:

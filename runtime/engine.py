@@ -78,6 +78,9 @@ class Engine:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads > 0:
             opts.intra_op_num_threads = intra_op_threads
+        # Batches change shape every run, so memory patterns never replay; planning them only
+        # grew peak RSS (measured: MiniLM-L6, batch 32 x 128 tokens, 361 -> 321 MiB).
+        opts.enable_mem_pattern = False
         # Spinning intra-op threads would steal the cores the gRPC and preprocessing threads need.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3

@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=50051, help="0 picks a free port (logged)")
     p.add_argument("--max-batch", type=int, default=32, help="most rows in one graph execution")
     p.add_argument("--max-delay-ms", type=float, default=5.0, help="longest wait to fill a batch")
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=0,
+        help="text: cap rows x longest row per batch (0: no cap)",
+    )
     p.add_argument("--providers", choices=PROVIDER_CHOICES, default="auto")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key)")
     p.add_argument("--tls-key", type=Path, help="PEM private key (with --tls-cert)")
@@ -72,6 +78,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-delay-ms {args.max_delay_ms} must be >= 0")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port} must be in 0..65535")
+    if args.max_batch_tokens < 0:
+        raise ValueError(f"--max-batch-tokens {args.max_batch_tokens} must be >= 0 (0: no cap)")
     if args.max_message_mb <= 0:
         raise ValueError(f"--max-message-mb {args.max_message_mb} must be > 0")
     if args.workers < 0 or args.intra_op_threads < 0:
@@ -126,7 +134,12 @@ async def start(args: argparse.Namespace, model: InferenceModel | None = None) -
     server = grpc.aio.server(options=options, interceptors=interceptors)
     workers = args.workers or min(4, os.cpu_count() or 1)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="preprocess")
-    batcher = Batcher(model.run_batch, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms)
+    batcher = Batcher(
+        model.run_batch,
+        max_batch=args.max_batch,
+        max_delay_ms=args.max_delay_ms,
+        max_tokens=args.max_batch_tokens,
+    )
     pb_grpc.add_InferenceServicer_to_server(InferenceServicer(model, batcher, pool), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -130,7 +130,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         try:
             with self.batcher.expecting():
                 row = await loop.run_in_executor(self.pool, self.model.row, kind, value)
-                future = self.batcher.submit(Work(row, indices, top_k), len(indices), deadline)
+                length = len(row) if row.ndim == 1 else 0  # text: tokens, padded per batch
+                work = Work(row, indices, top_k)
+                future = self.batcher.submit(work, len(indices), deadline, length)
             predictions = await future
         except InputError as e:
             return grpc.StatusCode.INVALID_ARGUMENT, str(e)
