@@ -187,6 +187,11 @@ class Batcher:
                 results = await loop.run_in_executor(
                     self._executor, self._run_isolated, [j.payload for j in batch]
                 )
+            except asyncio.CancelledError:  # close() during a run: nobody will answer these
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(RuntimeError("server shutting down"))
+                raise
             except Exception as e:
                 log.exception("batch of %d jobs failed", len(batch))
                 results = [(False, e)] * len(batch)

@@ -102,11 +102,15 @@ class Runtime:
     batcher: Batcher
     pool: ThreadPoolExecutor
     model: InferenceModel
+    servicer: InferenceServicer
 
     async def stop(self, grace: float | None = 30.0) -> None:
-        """Drain: NOT_SERVING, refuse new RPCs, let in-flight ones finish, then free threads."""
+        """Drain: health NOT_SERVING and new Predicts refused while in-flight ones finish (up to
+        `grace` s; health checks are still answered meanwhile), then stop and free threads."""
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        if not await self.servicer.drain(grace):
+            log.warning("drain: in-flight requests still running after %s s; cancelling", grace)
+        await self.server.stop(1.0)
         await self.batcher.close()
         self.pool.shutdown(wait=True)
 
@@ -140,7 +144,8 @@ async def start(args: argparse.Namespace, model: InferenceModel | None = None) -
         max_delay_ms=args.max_delay_ms,
         max_tokens=args.max_batch_tokens,
     )
-    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(model, batcher, pool), server)
+    servicer = InferenceServicer(model, batcher, pool)
+    pb_grpc.add_InferenceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE):
@@ -165,7 +170,7 @@ async def start(args: argparse.Namespace, model: InferenceModel | None = None) -
     await server.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Runtime(server, port, health_servicer, batcher, pool, model)
+    return Runtime(server, port, health_servicer, batcher, pool, model, servicer)
 
 
 async def serve(args: argparse.Namespace) -> int:

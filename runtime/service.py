@@ -107,9 +107,33 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.batcher = batcher
         self.pool = pool
         self._tasks_response = model.list_tasks()
+        self.draining = False
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def drain(self, timeout: float | None) -> bool:
+        """Refuse new Predicts (UNAVAILABLE) and wait for in-flight ones; False on timeout."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     async def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
-        code, message = await self._predict(request, context)
+        if self.draining:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "server is draining for shutdown; retry elsewhere"
+            )
+        self._active += 1
+        self._idle.clear()
+        try:
+            code, message = await self._predict(request, context)
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
         if isinstance(message, pb.PredictResponse):
             return message
         await context.abort(code, message)

@@ -135,3 +135,24 @@ def test_bad_settings_are_refused():
         Batcher(Recorder(), max_batch=0)
     with pytest.raises(ValueError, match="max_delay_ms"):
         Batcher(Recorder(), max_delay_ms=-1)
+
+
+def test_batches_group_similar_lengths_and_respect_the_token_cap():
+    rec = Recorder()
+
+    async def main(max_tokens):
+        rec.calls.clear()
+        b = Batcher(rec, max_batch=4, max_delay_ms=50, max_tokens=max_tokens)
+        lengths = [10, 120, 12, 118, 11, 9, 125, 119]
+        futs = [b.submit(f"L{n}", rows=1, length=n) for n in lengths]
+        b.start()
+        await asyncio.gather(*futs)
+        await b.close()
+        return [sorted(c) for c in rec.calls]
+
+    # Oldest first, then its nearest lengths: short rows are not padded to 125 tokens.
+    assert run(main(0)) == [["L10", "L11", "L12", "L9"], ["L118", "L119", "L120", "L125"]]
+    # rows x longest <= 250 tokens: two long rows per batch at most.
+    calls = run(main(250))
+    assert all(len(c) * max(int(x[1:]) for x in c) <= 250 for c in calls)
+    assert sum(len(c) for c in calls) == 8

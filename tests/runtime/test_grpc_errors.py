@@ -184,3 +184,23 @@ def test_answers_match_unbatched_answers_under_concurrency(text_model_dir):
         for pa, pb_ in zip(a.predictions, b.predictions, strict=True):
             np.testing.assert_allclose(pa.logits, pb_.logits, rtol=1e-5, atol=1e-6)
     assert batches < 2 * len(texts)
+
+
+def test_draining_reports_not_serving_and_finishes_in_flight(text_model_dir):
+    import asyncio
+
+    calls = []
+    with ServerThread(text_model_dir, model_hook=slow_model(0.5, calls)) as server:
+        stub = server.stub()
+        in_flight = stub.Predict.future(text_request("*", "the game"), timeout=10)
+        time.sleep(0.1)
+        stopping = asyncio.run_coroutine_threadsafe(server.rt.stop(10), server.loop)
+        time.sleep(0.1)
+        health = health_pb2_grpc.HealthStub(server.channel())
+        status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        err = rpc_error(stub, text_request("news", "late"))
+        assert err.code() == grpc.StatusCode.UNAVAILABLE and "draining" in err.details()
+        assert len(in_flight.result().predictions) == 2
+        stopping.result(10)
+        server.rt = None
