@@ -32,17 +32,27 @@ class MergeContext:
     seed: int = 0
 
 
-def _merged(base: StateDict, vectors: list[StateDict], keys: list[str],
-            lam: torch.Tensor) -> StateDict:
+def _merged(
+    base: StateDict, vectors: list[StateDict], keys: list[str], lam: torch.Tensor
+) -> StateDict:
     coeff = lam.clamp(0.0, 1.0)
-    return {k: base[k] + sum(coeff[t, i] * vectors[t][k] for t in range(len(vectors)))
-            for i, k in enumerate(keys)}
+    return {
+        k: base[k] + sum(coeff[t, i] * vectors[t][k] for t in range(len(vectors)))
+        for i, k in enumerate(keys)
+    }
 
 
 @register("adamerging")
-def adamerging(base: StateDict, experts: list[StateDict], *, context: MergeContext,
-               iterations: int = 100, lr: float = 1e-3, batch_size: int = 16,
-               init: float = 0.3) -> StateDict:
+def adamerging(
+    base: StateDict,
+    experts: list[StateDict],
+    *,
+    context: MergeContext,
+    iterations: int = 100,
+    lr: float = 1e-3,
+    batch_size: int = 16,
+    init: float = 0.3,
+) -> StateDict:
     device = context.device
     keys = mergeable(base)
     dev_base = {k: base[k].to(device) for k in keys}

@@ -21,13 +21,18 @@ from .utils import atomic_directory, sha256_file
 FORMAT_VERSION = 1
 
 
-def write_bundle(directory: Path, model: MultiTaskModel, classes: list[list[str]],
-                 info: dict) -> Path:
+def write_bundle(
+    directory: Path, model: MultiTaskModel, classes: list[list[str]], info: dict
+) -> Path:
     """Write ``model`` (its backbone holds the merged weights) to ``directory`` atomically."""
-    backbone_state = {k: v.detach().cpu().contiguous()
-                      for k, v in model.backbone.state_dict().items()}
-    task_state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-                  if not k.startswith("backbone.")}
+    backbone_state = {
+        k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()
+    }
+    task_state = {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if not k.startswith("backbone.")
+    }
     with atomic_directory(directory) as tmp:
         save_file(backbone_state, str(tmp / "backbone.safetensors"))
         save_file(task_state, str(tmp / "tasks.safetensors"))
@@ -39,8 +44,12 @@ def write_bundle(directory: Path, model: MultiTaskModel, classes: list[list[str]
             "backbone": model.backbone.spec(),
             "preprocessing": model.backbone.preprocessing(),
             "tasks": [
-                {"name": name, "index": i, "classes": list(classes[i]),
-                 "num_classes": len(classes[i])}
+                {
+                    "name": name,
+                    "index": i,
+                    "classes": list(classes[i]),
+                    "num_classes": len(classes[i]),
+                }
                 for i, name in enumerate(model.task_names)
             ],
             "heads": {"normalize": model.heads.normalize},
@@ -57,8 +66,10 @@ def read_manifest(directory: Path) -> dict:
     directory = Path(directory)
     path = directory / "manifest.json"
     if not directory.is_dir():
-        raise UserError(f"bundle directory {directory} does not exist; run python -m trainer.fit "
-                        "first or pass --bundle DIR")
+        raise UserError(
+            f"bundle directory {directory} does not exist; run python -m trainer.fit "
+            "first or pass --bundle DIR"
+        )
     if not path.is_file():
         raise UserError(f"{directory} is not a complete bundle: manifest.json is missing")
     try:
@@ -70,8 +81,10 @@ def read_manifest(directory: Path) -> dict:
         if not file.is_file():
             raise UserError(f"bundle {directory} is incomplete: {name} is missing")
         if sha256_file(file) != digest:
-            raise UserError(f"bundle file {file} does not match its sha256 in the manifest "
-                            "(corrupt or modified); re-run python -m trainer.fit")
+            raise UserError(
+                f"bundle file {file} does not match its sha256 in the manifest "
+                "(corrupt or modified); re-run python -m trainer.fit"
+            )
     return manifest
 
 
@@ -83,14 +96,21 @@ def load_bundle(directory: Path) -> tuple[MultiTaskModel, dict]:
     tasks = manifest["tasks"]
     task_state = load_file(str(directory / "tasks.safetensors"))
     weight, bias = task_state["heads.weight"], task_state["heads.bias"]
-    heads = Heads([weight[t["index"], : t["num_classes"]] for t in tasks],
-                  [bias[t["index"], : t["num_classes"]] for t in tasks],
-                  normalize=manifest["heads"]["normalize"])
-    model = MultiTaskModel(backbone, heads, [t["name"] for t in tasks],
-                           mode=manifest["surgery"]["mode"], rank=manifest["surgery"]["rank"])
-    state = {f"backbone.{k}": v for k, v in load_file(str(directory / "backbone.safetensors")).items()}
+    heads = Heads(
+        [weight[t["index"], : t["num_classes"]] for t in tasks],
+        [bias[t["index"], : t["num_classes"]] for t in tasks],
+        normalize=manifest["heads"]["normalize"],
+    )
+    model = MultiTaskModel(
+        backbone,
+        heads,
+        [t["name"] for t in tasks],
+        mode=manifest["surgery"]["mode"],
+        rank=manifest["surgery"]["rank"],
+    )
+    state = {
+        f"backbone.{k}": v for k, v in load_file(str(directory / "backbone.safetensors")).items()
+    }
     state.update(task_state)
     model.load_state_dict(state, strict=True)
     return model.eval(), manifest
-
-

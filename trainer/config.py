@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import tomllib
 
 from .errors import UserError
 
@@ -237,8 +239,10 @@ def validate(config: Config) -> None:
         valid = [n for n in params if n not in ("base", "experts", "context")]
         for key in getattr(config.merge, method):
             if key not in valid:
-                raise UserError(f"unknown config key 'merge.{method}.{key}'; valid: "
-                                f"{', '.join(valid) or '(none)'}")
+                raise UserError(
+                    f"unknown config key 'merge.{method}.{key}'; valid: "
+                    f"{', '.join(valid) or '(none)'}"
+                )
     if config.finetune.steps < 1 or config.finetune.batch_size < 1:
         raise UserError("finetune.steps and finetune.batch_size must be >= 1")
     from .model import SURGERY_MODES
@@ -253,12 +257,16 @@ def validate(config: Config) -> None:
     if sc.rank < 1:
         raise UserError(f"surgery.rank must be >= 1, got {sc.rank}")
     if not 0.0 < sc.unlabeled_fraction <= 1.0:
-        raise UserError(f"surgery.unlabeled_fraction must be in (0, 1], got {sc.unlabeled_fraction}")
+        raise UserError(
+            f"surgery.unlabeled_fraction must be in (0, 1], got {sc.unlabeled_fraction}"
+        )
     if sc.iterations < 0 or sc.batch_size < 1 or sc.lr <= 0:
         raise UserError("surgery.iterations must be >= 0, batch_size >= 1 and lr > 0")
     unknown = [m for m in sc.methods if m not in config.merge.methods]
     if unknown:
-        raise UserError(f"surgery.methods names {unknown[0]!r}, which is not among "
-                        f"merge.methods {config.merge.methods}")
+        raise UserError(
+            f"surgery.methods names {unknown[0]!r}, which is not among "
+            f"merge.methods {config.merge.methods}"
+        )
     if config.eval.batch_size < 1:
         raise UserError("eval.batch_size must be >= 1")

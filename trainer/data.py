@@ -54,8 +54,9 @@ def resolve_path(path: str, data_root: str | Path) -> Path:
     return Path(path.replace("{data}", str(data_root))).expanduser()
 
 
-def load_task(name: str, path: str, data_root: str | Path, train_limit: int = 0,
-              test_limit: int = 0) -> TaskData:
+def load_task(
+    name: str, path: str, data_root: str | Path, train_limit: int = 0, test_limit: int = 0
+) -> TaskData:
     """Read one task from a folder or file; limits keep a fixed, class-balanced prefix."""
     where = resolve_path(path, data_root)
     if not where.exists():
@@ -84,7 +85,8 @@ def load_task(name: str, path: str, data_root: str | Path, train_limit: int = 0,
             i = int(np.argmax(bad))
             raise UserError(
                 f"task '{name}': {split_name} row {i} has label {int(split.labels[i])}, outside "
-                f"the {task.num_classes} classes of {where} (labels must be 0..{task.num_classes - 1})"
+                f"the {task.num_classes} classes of {where} "
+                f"(labels must be 0..{task.num_classes - 1})"
             )
     if train_limit:
         task.train = task.train.take(_balanced_prefix(task.train.labels, train_limit))
@@ -119,7 +121,7 @@ def _hash_files(*paths: Path) -> str:
 
 def _read_jsonl(path: Path, name: str) -> Split:
     if not path.is_file():
-        raise UserError(f"task '{name}': {path} is missing (one {{\"text\", \"label\"}} per line)")
+        raise UserError(f'task \'{name}\': {path} is missing (one {{"text", "label"}} per line)')
     texts, labels = [], []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -161,8 +163,10 @@ def _load_npz(name: str, path: Path) -> TaskData:
     for key in ("x_train", "x_test"):
         x = arrays[key]
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-            raise UserError(f"task '{name}': {path}:{key} must be uint8 [N, H, W, 3], got "
-                            f"{x.dtype} {list(x.shape)}")
+            raise UserError(
+                f"task '{name}': {path}:{key} must be uint8 [N, H, W, 3], got "
+                f"{x.dtype} {list(x.shape)}"
+            )
     classes = [str(c) for c in arrays["classes"]]
     train = Split(arrays["x_train"], arrays["y_train"].astype(np.int64))
     test = Split(arrays["x_test"], arrays["y_test"].astype(np.int64))
@@ -193,8 +197,10 @@ def _load_image_folders(name: str, folder: Path) -> TaskData:
         inputs, labels = [], []
         for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
             if class_dir.name not in classes:
-                raise UserError(f"task '{name}': class folder {class_dir} is not among the "
-                                f"train classes {classes}")
+                raise UserError(
+                    f"task '{name}': class folder {class_dir} is not among the "
+                    f"train classes {classes}"
+                )
             for f in sorted(class_dir.iterdir()):
                 if f.suffix.lower() in IMAGE_SUFFIXES:
                     inputs.append(read_image(f))

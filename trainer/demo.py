@@ -22,12 +22,27 @@ VOCAB = {
     },
     "place": {
         "water": ["by the lake", "on the river", "near the sea", "at the harbour", "in the pond"],
-        "city": ["in the city", "by the station", "near the market", "on the avenue",
-                 "at the square"],
-        "forest": ["in the woods", "under the pines", "in the forest", "among the oaks",
-                   "in the jungle"],
-        "mountain": ["on the peak", "up the mountain", "on the ridge", "in the alps",
-                     "by the summit"],
+        "city": [
+            "in the city",
+            "by the station",
+            "near the market",
+            "on the avenue",
+            "at the square",
+        ],
+        "forest": [
+            "in the woods",
+            "under the pines",
+            "in the forest",
+            "among the oaks",
+            "in the jungle",
+        ],
+        "mountain": [
+            "on the peak",
+            "up the mountain",
+            "on the ridge",
+            "in the alps",
+            "by the summit",
+        ],
     },
     "time": {
         "morning": ["at dawn", "early in the morning", "at sunrise", "before breakfast"],
@@ -50,15 +65,21 @@ def _sentence(rng: np.random.Generator, labels: dict[str, int]) -> str:
         words = VOCAB[kind][list(VOCAB[kind])[labels[kind]]]
         return words[rng.integers(len(words))]
 
-    parts = [f"the {pick('creature')} {VERBS[rng.integers(len(VERBS))]}", pick("feeling"),
-             pick("place"), pick("time"), FILLERS[rng.integers(len(FILLERS))]]
+    parts = [
+        f"the {pick('creature')} {VERBS[rng.integers(len(VERBS))]}",
+        pick("feeling"),
+        pick("place"),
+        pick("time"),
+        FILLERS[rng.integers(len(FILLERS))],
+    ]
     head, rest = parts[0], parts[1:]
     rng.shuffle(rest)
     return " ".join(p for p in [head, *rest] if p) + "."
 
 
-def generate(root: Path, seed: int = 0, train: int = 600, test: int = 300,
-             tasks: tuple[str, ...] = TASKS) -> Path:
+def generate(
+    root: Path, seed: int = 0, train: int = 600, test: int = 300, tasks: tuple[str, ...] = TASKS
+) -> Path:
     """Write one folder per task (train.jsonl, test.jsonl, labels.json) under ``root``."""
     rng = np.random.default_rng(seed)
     for task in tasks:

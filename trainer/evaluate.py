@@ -12,9 +12,15 @@ from .utils import length_order, progress, to_device
 
 
 @torch.no_grad()
-def evaluate_task(model: MultiTaskModel, task_index: int, split: Split, batch_size: int,
-                  device: torch.device, expert: Targets | None = None,
-                  desc: str = "eval") -> tuple[float, list[float] | None]:
+def evaluate_task(
+    model: MultiTaskModel,
+    task_index: int,
+    split: Split,
+    batch_size: int,
+    device: torch.device,
+    expert: Targets | None = None,
+    desc: str = "eval",
+) -> tuple[float, list[float] | None]:
     """Top-1 accuracy with every row routed to ``task_index``; with the expert's
     representations of the same rows, also the bias b_l: the per-sample, per-dimension L1
     distance to the expert at every block and at the final representation ([L + 1])."""
@@ -40,8 +46,9 @@ def evaluate_task(model: MultiTaskModel, task_index: int, split: Split, batch_si
 
 
 @torch.no_grad()
-def accuracy_from_features(model: MultiTaskModel, task_index: int, final: torch.Tensor,
-                           labels, device: torch.device) -> float:
+def accuracy_from_features(
+    model: MultiTaskModel, task_index: int, final: torch.Tensor, labels, device: torch.device
+) -> float:
     """Top-1 accuracy of task ``task_index``'s head on precomputed final representations."""
     task_ids = torch.full((len(final),), task_index, dtype=torch.long, device=device)
     logits = model.heads(final.to(device), task_ids)[:, : model.heads.num_classes[task_index]]

@@ -43,11 +43,15 @@ def check_compatible(base: StateDict, state: StateDict, where: str) -> None:
     """Experts must share the base's parameter names and shapes; name the first mismatch."""
     for key, tensor in base.items():
         if key not in state:
-            raise UserError(f"{where}: parameter '{key}' of the base is missing; experts must be "
-                            "fine-tuned from the configured base backbone")
+            raise UserError(
+                f"{where}: parameter '{key}' of the base is missing; experts must be "
+                "fine-tuned from the configured base backbone"
+            )
         if tuple(state[key].shape) != tuple(tensor.shape):
-            raise UserError(f"{where}: parameter '{key}' has shape {list(state[key].shape)}, the "
-                            f"base has {list(tensor.shape)}; experts must share the base's shapes")
+            raise UserError(
+                f"{where}: parameter '{key}' has shape {list(state[key].shape)}, the "
+                f"base has {list(tensor.shape)}; experts must share the base's shapes"
+            )
     extra = sorted(set(state) - set(base))
     if extra:
         raise UserError(f"{where}: parameter '{extra[0]}' does not exist in the base backbone")
@@ -64,20 +68,26 @@ def save_expert(path: Path, expert: Expert, metadata: dict) -> None:
 
 def load_checkpoint(path: Path, task: TaskData, base: StateDict) -> Expert:
     if not path.is_file():
-        raise UserError(f"task '{task.name}': expert checkpoint {path} not found (expected a "
-                        "safetensors file with backbone.* weights and head.weight, head.bias)")
+        raise UserError(
+            f"task '{task.name}': expert checkpoint {path} not found (expected a "
+            "safetensors file with backbone.* weights and head.weight, head.bias)"
+        )
     try:
         tensors = load_file(str(path))
     except Exception as exc:
-        raise UserError(f"task '{task.name}': cannot read expert checkpoint {path}: {exc}") from None
-    state = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
+        raise UserError(
+            f"task '{task.name}': cannot read expert checkpoint {path}: {exc}"
+        ) from None
+    state = {k[len("backbone.") :]: v for k, v in tensors.items() if k.startswith("backbone.")}
     check_compatible(base, state, f"expert checkpoint {path}")
     if "head.weight" not in tensors or "head.bias" not in tensors:
         raise UserError(f"expert checkpoint {path} has no head.weight / head.bias (the task head)")
     weight, bias = tensors["head.weight"], tensors["head.bias"]
     if weight.shape[0] != task.num_classes:
-        raise UserError(f"expert checkpoint {path}: head has {weight.shape[0]} classes, task "
-                        f"'{task.name}' has {task.num_classes}")
+        raise UserError(
+            f"expert checkpoint {path}: head has {weight.shape[0]} classes, task "
+            f"'{task.name}' has {task.num_classes}"
+        )
     return Expert(task.name, state, weight.float(), bias.float(), "checkpoint")
 
 
@@ -89,8 +99,13 @@ def _lr_factor(step: int, total: int, warmup: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def finetune(base: Backbone, task: TaskData, cfg: FinetuneConfig, device: torch.device,
-             normalize_head: bool = False) -> Expert:
+def finetune(
+    base: Backbone,
+    task: TaskData,
+    cfg: FinetuneConfig,
+    device: torch.device,
+    normalize_head: bool = False,
+) -> Expert:
     """Full fine-tuning of a copy of the base plus a fresh linear head on the train split."""
     torch.manual_seed(cfg.seed)
     model = copy.deepcopy(base).to(device).train()
@@ -101,11 +116,13 @@ def finetune(base: Backbone, task: TaskData, cfg: FinetuneConfig, device: torch.
     torch.nn.init.zeros_(head.bias)
     decay = [p for n, p in model.named_parameters() if p.dim() > 1]
     no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1]
-    optimizer = torch.optim.AdamW([
-        {"params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "lr": cfg.lr, "weight_decay": 0.0},
-        {"params": head.parameters(), "lr": cfg.head_lr, "weight_decay": 0.0},
-    ])
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "lr": cfg.lr, "weight_decay": 0.0},
+            {"params": head.parameters(), "lr": cfg.head_lr, "weight_decay": 0.0},
+        ]
+    )
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     rng = np.random.default_rng(cfg.seed)
     order, cursor = rng.permutation(len(task.train)), 0
@@ -134,13 +151,26 @@ def finetune(base: Backbone, task: TaskData, cfg: FinetuneConfig, device: torch.
         bar.set_postfix(loss=f"{running:.3f}")
     bar.close()
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return Expert(task.name, state, head.weight.detach().cpu().clone(),
-                  head.bias.detach().cpu().clone(), "fine-tuned")
+    return Expert(
+        task.name,
+        state,
+        head.weight.detach().cpu().clone(),
+        head.bias.detach().cpu().clone(),
+        "fine-tuned",
+    )
 
 
-def get_expert(task: TaskData, checkpoint: str, base: Backbone, base_state: StateDict,
-               cfg: FinetuneConfig, cache_dir: Path, key_parts: dict, device: torch.device,
-               normalize_head: bool = False) -> Expert:
+def get_expert(
+    task: TaskData,
+    checkpoint: str,
+    base: Backbone,
+    base_state: StateDict,
+    cfg: FinetuneConfig,
+    cache_dir: Path,
+    key_parts: dict,
+    device: torch.device,
+    normalize_head: bool = False,
+) -> Expert:
     """The task's expert from its checkpoint, the cache, or by fine-tuning (then cached)."""
     if checkpoint:
         return load_checkpoint(Path(checkpoint), task, base_state)
@@ -158,8 +188,9 @@ def get_expert(task: TaskData, checkpoint: str, base: Backbone, base_state: Stat
                 tensors = load_file(str(path))
                 state = {k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")}
                 check_compatible(base_state, state, f"cached expert {path}")
-                return Expert(task.name, state, tensors["head.weight"], tensors["head.bias"],
-                              "cache")
+                return Expert(
+                    task.name, state, tensors["head.weight"], tensors["head.bias"], "cache"
+                )
         except (UserError, OSError, json.JSONDecodeError, KeyError) as exc:
             log.warning("expert cache %s is unreadable (%s); rebuilding", path, exc)
     expert = finetune(base, task, cfg, device, normalize_head)

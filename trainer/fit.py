@@ -24,15 +24,29 @@ log = logging.getLogger("deepsurgery")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m trainer.fit", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="demo",
-                   help="a shipped config name (demo, text-bench, vision-bench) or a TOML file")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value (repeatable), e.g. --set finetune.steps=100")
-    p.add_argument("--data", default=None,
-                   help="root for {data} in config paths (env DEEPSURGERY_DATA, else ../shared/data)")
+    p.add_argument(
+        "--config",
+        default="demo",
+        help="a shipped config name (demo, text-bench, vision-bench) or a TOML file",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value (repeatable), e.g. --set finetune.steps=100",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="root for {data} in config paths (env DEEPSURGERY_DATA, else ../shared/data)",
+    )
     p.add_argument("--out", default=None, help="output folder (default runs/<config name>)")
-    p.add_argument("--cache", default=None,
-                   help="cache folder for experts and targets (env DEEPSURGERY_CACHE, else runs/cache)")
+    p.add_argument(
+        "--cache",
+        default=None,
+        help="cache folder for experts and targets (env DEEPSURGERY_CACHE, else runs/cache)",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     return p.parse_args(argv)
 
@@ -69,8 +83,11 @@ def run(args: argparse.Namespace) -> dict:
 
     config: Config = load_config(args.config, args.set)
     device = resolve_device(args.device)
-    data_root = Path(args.data or os.environ.get("DEEPSURGERY_DATA") or
-                     Path(__file__).resolve().parents[2] / "shared" / "data")
+    data_root = Path(
+        args.data
+        or os.environ.get("DEEPSURGERY_DATA")
+        or Path(__file__).resolve().parents[2] / "shared" / "data"
+    )
     cache = Path(args.cache or os.environ.get("DEEPSURGERY_CACHE") or "runs/cache")
     out = Path(args.out or f"runs/{config.name}")
     return fit(config, data_root=data_root, cache=cache, out=out, device=device)
@@ -108,14 +125,19 @@ def fit(config: Config, data_root: Path, cache: Path, out: Path, device: torch.d
     base = build_backbone(config.backbone)
     for task in tasks:
         if task.modality != base.modality:
-            raise UserError(f"task '{task.name}' holds {task.modality} data but the backbone "
-                            f"'{config.backbone.kind}' reads {base.modality}")
+            raise UserError(
+                f"task '{task.name}' holds {task.modality} data but the backbone "
+                f"'{config.backbone.kind}' reads {base.modality}"
+            )
     if sc.rank > min(base.width, base.feature_dim):
-        raise UserError(f"surgery.rank {sc.rank} exceeds the backbone width "
-                        f"{min(base.width, base.feature_dim)}; use a rank in 1..{base.width}")
+        raise UserError(
+            f"surgery.rank {sc.rank} exceeds the backbone width "
+            f"{min(base.width, base.feature_dim)}; use a rank in 1..{base.width}"
+        )
     base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
-    log.info("%d tasks (%s) on %s, device %s", len(tasks), ", ".join(names),
-             config.backbone.kind, device)
+    log.info(
+        "%d tasks (%s) on %s, device %s", len(tasks), ", ".join(names), config.backbone.kind, device
+    )
     lap("load")
 
     # ---- 2. experts: checkpoints, cache, or fine-tuned here ---------------------------------
@@ -123,14 +145,26 @@ def fit(config: Config, data_root: Path, cache: Path, out: Path, device: torch.d
     checkpoints = {t.name: t.checkpoint for t in config.tasks}
     experts = []
     for task in tasks:
-        expert = get_expert(task, checkpoints.get(task.name, ""), base, base_state,
-                            config.finetune, cache, key_parts, device, base.normalize_head)
+        expert = get_expert(
+            task,
+            checkpoints.get(task.name, ""),
+            base,
+            base_state,
+            config.finetune,
+            cache,
+            key_parts,
+            device,
+            base.normalize_head,
+        )
         log.info("expert %-12s %s", task.name, expert.source)
         experts.append(expert)
     lap("experts")
 
-    heads = Heads([e.head_weight for e in experts], [e.head_bias for e in experts],
-                  normalize=base.normalize_head)
+    heads = Heads(
+        [e.head_weight for e in experts],
+        [e.head_bias for e in experts],
+        normalize=base.normalize_head,
+    )
     plain = MultiTaskModel(base, heads, names).to(device)
     batch_size = config.eval.batch_size
 
@@ -139,15 +173,22 @@ def fit(config: Config, data_root: Path, cache: Path, out: Path, device: torch.d
     test_targets, train_targets, individual = [], [], {}
     for i, (task, expert) in enumerate(zip(tasks, experts)):
         plain.backbone.load_state_dict(expert.state)
-        feats = representations(plain.backbone, task.test.inputs, batch_size, device,
-                                f"expert {task.name}")
+        feats = representations(
+            plain.backbone, task.test.inputs, batch_size, device, f"expert {task.name}"
+        )
         test_targets.append(feats)
-        individual[task.name] = accuracy_from_features(plain, i, feats.final, task.test.labels,
-                                                       device)
+        individual[task.name] = accuracy_from_features(
+            plain, i, feats.final, task.test.labels, device
+        )
         if unlabeled is not None and any(m != "none" for m in sc.modes):
             same = sc.unlabeled == "test" and sc.unlabeled_fraction == 1.0
-            train_targets.append(feats if same else representations(
-                plain.backbone, unlabeled[i], batch_size, device, f"targets {task.name}"))
+            train_targets.append(
+                feats
+                if same
+                else representations(
+                    plain.backbone, unlabeled[i], batch_size, device, f"targets {task.name}"
+                )
+            )
     rows.append(results_row("individual", "none", individual))
     lap("targets")
 
@@ -161,28 +202,47 @@ def fit(config: Config, data_root: Path, cache: Path, out: Path, device: torch.d
         extra = {}
         if method in DATA_DRIVEN:
             plain.backbone.load_state_dict(base_state)
-            extra["context"] = MergeContext(plain.backbone, plain.heads, unlabeled, device,
-                                            config.seed)
+            extra["context"] = MergeContext(
+                plain.backbone, plain.heads, unlabeled, device, config.seed
+            )
         merged = merge(method, base_state, [e.state for e in experts], **hparams, **extra)
         lap("merge")
         for mode in sc.modes:
             if mode != "none" and method not in surgery_methods:
                 continue
             plain.backbone.load_state_dict(merged)
-            model = MultiTaskModel(plain.backbone, plain.heads, names, mode, sc.rank,
-                                   config.seed).to(device)
+            model = MultiTaskModel(
+                plain.backbone, plain.heads, names, mode, sc.rank, config.seed
+            ).to(device)
             if mode != "none":
-                result = train_surgery(model, unlabeled, train_targets, sc.iterations,
-                                       sc.batch_size, sc.lr, sc.loss, device, sc.seed)
+                result = train_surgery(
+                    model,
+                    unlabeled,
+                    train_targets,
+                    sc.iterations,
+                    sc.batch_size,
+                    sc.lr,
+                    sc.loss,
+                    device,
+                    sc.seed,
+                )
                 surgery_stats[f"{method}/{mode}"] = {
                     "seconds_per_iteration": round(result.seconds_per_iteration, 4),
                     "loss_first": result.losses[0] if result.losses else None,
-                    "loss_last": result.losses[-1] if result.losses else None}
+                    "loss_last": result.losses[-1] if result.losses else None,
+                }
                 lap("surgery")
             acc, per_task_bias = {}, []
             for i, task in enumerate(tasks):
-                acc[task.name], b = evaluate_task(model, i, task.test, batch_size, device,
-                                                  test_targets[i], f"{method}/{mode} {task.name}")
+                acc[task.name], b = evaluate_task(
+                    model,
+                    i,
+                    task.test,
+                    batch_size,
+                    device,
+                    test_targets[i],
+                    f"{method}/{mode} {task.name}",
+                )
                 per_task_bias.append(b)
             bias[f"{method}/{mode}"] = [sum(v) / len(v) for v in zip(*per_task_bias)]
             rows.append(results_row(method, mode, acc))
@@ -193,8 +253,14 @@ def fit(config: Config, data_root: Path, cache: Path, out: Path, device: torch.d
 
     # ---- 5. outputs: results.json, the bias plot, the bundle ---------------------------------
     results = {
-        "suite": config.name, "backbone": base.spec(), "tasks": names, "rows": rows,
-        "bias": bias, "surgery": surgery_stats, "timing_s": timing, "device": str(device),
+        "suite": config.name,
+        "backbone": base.spec(),
+        "tasks": names,
+        "rows": rows,
+        "bias": bias,
+        "surgery": surgery_stats,
+        "timing_s": timing,
+        "device": str(device),
         "config": config.to_dict(),
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -202,16 +268,23 @@ def fit(config: Config, data_root: Path, cache: Path, out: Path, device: torch.d
     if best is not None:
         row, model, hparams = best
         model.load_state_dict(best_state)
-        info = {"suite": config.name, "merge": {"method": row["method"], "hparams": hparams},
-                "accuracy": row}
+        info = {
+            "suite": config.name,
+            "merge": {"method": row["method"], "hparams": hparams},
+            "accuracy": row,
+        }
         write_bundle(out / "bundle", model.cpu(), [t.classes for t in tasks], info)
         lap("bundle")
     results["timing_s"] = timing
     write_results(out / "results.json", results)
     print(format_table(names, rows))
-    print(f"{config.name}: best merged row {best[0]['method']}/{best[0]['surgery']} "
-          f"avg {100 * best[0]['avg']:.1f} vs individual {100 * rows[0]['avg']:.1f}; "
-          f"{sum(timing.values()):.0f} s on {device}" if best else "no merged rows")
+    print(
+        f"{config.name}: best merged row {best[0]['method']}/{best[0]['surgery']} "
+        f"avg {100 * best[0]['avg']:.1f} vs individual {100 * rows[0]['avg']:.1f}; "
+        f"{sum(timing.values()):.0f} s on {device}"
+        if best
+        else "no merged rows"
+    )
     return results
 
 

@@ -29,7 +29,9 @@ DATA_DRIVEN = {"adamerging"}
 
 def merge(method: str, base: StateDict, experts: list[StateDict], **hparams) -> StateDict:
     if method not in MERGE_METHODS:
-        raise KeyError(f"unknown merge method '{method}'; valid: {', '.join(sorted(MERGE_METHODS))}")
+        raise KeyError(
+            f"unknown merge method '{method}'; valid: {', '.join(sorted(MERGE_METHODS))}"
+        )
     return MERGE_METHODS[method](base, experts, **hparams)
 
 
@@ -74,8 +76,9 @@ def _trim_threshold(vector: StateDict, k: float) -> torch.Tensor:
 
 
 @register("ties_merging")
-def ties_merging(base: StateDict, experts: list[StateDict], k: float = 20.0,
-                 lam: float = 0.3) -> StateDict:
+def ties_merging(
+    base: StateDict, experts: list[StateDict], k: float = 20.0, lam: float = 0.3
+) -> StateDict:
     """TIES (Yadav et al., 2023): trim each τ_t to its top-k% magnitudes, elect a sign per
     entry by total mass (sign of Σ_t trimmed τ_t), average the entries that agree with it
     (disjoint mean), scale by λ."""
@@ -83,10 +86,12 @@ def ties_merging(base: StateDict, experts: list[StateDict], k: float = 20.0,
     thresholds = [_trim_threshold(tv, k) for tv in vectors]
     delta = {}
     for key in vectors[0]:
-        trimmed = torch.stack([
-            torch.where(tv[key].abs() >= th, tv[key], torch.zeros_like(tv[key]))
-            for tv, th in zip(vectors, thresholds)
-        ])
+        trimmed = torch.stack(
+            [
+                torch.where(tv[key].abs() >= th, tv[key], torch.zeros_like(tv[key]))
+                for tv, th in zip(vectors, thresholds)
+            ]
+        )
         sign = torch.sign(trimmed.sum(0))
         agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
         count = agree.sum(0).clamp(min=1)

@@ -60,8 +60,9 @@ class Adapters(nn.Module):
 class Heads(nn.Module):
     """Per-task linear classifiers stacked to [T, C_max, F]; padding columns get PAD_LOGIT."""
 
-    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor],
-                 normalize: bool = False):
+    def __init__(
+        self, weights: list[torch.Tensor], biases: list[torch.Tensor], normalize: bool = False
+    ):
         super().__init__()
         num_classes = [w.shape[0] for w in weights]
         c_max, dim = max(num_classes), weights[0].shape[1]
@@ -84,8 +85,15 @@ class Heads(nn.Module):
 
 
 class MultiTaskModel(nn.Module):
-    def __init__(self, backbone: Backbone, heads: Heads, task_names: list[str],
-                 mode: str = "none", rank: int = 16, seed: int = 0):
+    def __init__(
+        self,
+        backbone: Backbone,
+        heads: Heads,
+        task_names: list[str],
+        mode: str = "none",
+        rank: int = 16,
+        seed: int = 0,
+    ):
         super().__init__()
         if mode not in SURGERY_MODES:
             raise ValueError(f"unknown surgery mode '{mode}'; valid: {', '.join(SURGERY_MODES)}")
@@ -95,17 +103,23 @@ class MultiTaskModel(nn.Module):
         self.block_adapters = None
         self.final_adapter = None
         if mode == "surgeryv2":
-            self.block_adapters = Adapters(backbone.num_blocks, num_tasks, rank, backbone.width,
-                                           seed)
+            self.block_adapters = Adapters(
+                backbone.num_blocks, num_tasks, rank, backbone.width, seed
+            )
         if mode in ("surgery", "surgeryv2"):
             self.final_adapter = Adapters(1, num_tasks, rank, backbone.feature_dim, seed + 1)
 
     def adapter_parameters(self) -> list[nn.Parameter]:
-        return [p for a in (self.block_adapters, self.final_adapter) if a is not None
-                for p in a.parameters()]
+        return [
+            p
+            for a in (self.block_adapters, self.final_adapter)
+            if a is not None
+            for p in a.parameters()
+        ]
 
-    def representations(self, batch: dict[str, torch.Tensor], task_ids: torch.Tensor,
-                        block_means: bool = False):
+    def representations(
+        self, batch: dict[str, torch.Tensor], task_ids: torch.Tensor, block_means: bool = False
+    ):
         """Final representation [B, F] and, if asked, each block's token-mean [B, D] (after its
         adapter): the L + 1 vectors surgery aligns with the experts'."""
         backbone = self.backbone

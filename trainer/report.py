@@ -8,8 +8,7 @@ from .utils import write_json_atomic
 
 
 def results_row(method: str, surgery: str, acc: dict[str, float]) -> dict:
-    return {"method": method, "surgery": surgery, "acc": acc,
-            "avg": sum(acc.values()) / len(acc)}
+    return {"method": method, "surgery": surgery, "acc": acc, "avg": sum(acc.values()) / len(acc)}
 
 
 def row_label(row: dict) -> str:
@@ -22,13 +21,15 @@ def format_table(tasks: list[str], rows: list[dict]) -> str:
     """The paper's form: one row per method, tasks as columns, Avg last, percentages."""
     first = max(len("Method"), *(len(row_label(r)) for r in rows))
     widths = [max(6, len(t)) for t in tasks]
-    header = " | ".join(["Method".ljust(first), *(t.rjust(w) for t, w in zip(tasks, widths)),
-                         "Avg".rjust(6)])
+    header = " | ".join(
+        ["Method".ljust(first), *(t.rjust(w) for t, w in zip(tasks, widths)), "Avg".rjust(6)]
+    )
     lines = [header, "-" * len(header)]
     for row in rows:
         cells = [f"{100 * row['acc'][t]:.1f}".rjust(w) for t, w in zip(tasks, widths)]
-        lines.append(" | ".join([row_label(row).ljust(first), *cells,
-                                 f"{100 * row['avg']:.1f}".rjust(6)]))
+        lines.append(
+            " | ".join([row_label(row).ljust(first), *cells, f"{100 * row['avg']:.1f}".rjust(6)])
+        )
     return "\n".join(lines)
 
 

@@ -44,8 +44,9 @@ class Targets:
 
 
 @torch.no_grad()
-def representations(backbone: Backbone, inputs, batch_size: int, device: torch.device,
-                    desc: str = "features") -> Targets:
+def representations(
+    backbone: Backbone, inputs, batch_size: int, device: torch.device, desc: str = "features"
+) -> Targets:
     """Per-block token-means and final representation of a plain backbone (no adapters)."""
     backbone.eval()
     order = length_order(inputs)
@@ -73,8 +74,9 @@ def distance(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tenso
     return (1.0 - F.cosine_similarity(pred, target, dim=-1)).mean()
 
 
-def surgery_loss(model: MultiTaskModel, batch: dict, task_ids: torch.Tensor, targets: Targets,
-                 loss: str) -> torch.Tensor:
+def surgery_loss(
+    model: MultiTaskModel, batch: dict, task_ids: torch.Tensor, targets: Targets, loss: str
+) -> torch.Tensor:
     """Σ_l ψ(Ẑ_l, Z_l) over the final representation and, for surgeryv2, every block."""
     deep = model.mode == "surgeryv2"
     final, means = model.representations(batch, task_ids, block_means=deep)
@@ -90,9 +92,17 @@ class SurgeryResult:
     seconds_per_iteration: float
 
 
-def train_surgery(model: MultiTaskModel, unlabeled: list, targets: list[Targets],
-                  iterations: int, batch_size: int, lr: float, loss: str = "l1",
-                  device: torch.device = torch.device("cpu"), seed: int = 0) -> SurgeryResult:
+def train_surgery(
+    model: MultiTaskModel,
+    unlabeled: list,
+    targets: list[Targets],
+    iterations: int,
+    batch_size: int,
+    lr: float,
+    loss: str = "l1",
+    device: torch.device = torch.device("cpu"),
+    seed: int = 0,
+) -> SurgeryResult:
     """Train ``model``'s adapters so each task's representations match its expert's.
 
     ``unlabeled[t]`` holds task t's inputs only (no labels exist here); ``targets[t]`` the
@@ -114,9 +124,12 @@ def train_surgery(model: MultiTaskModel, unlabeled: list, targets: list[Targets]
     # so compute it once instead of every iteration (same maths, a fraction of the time).
     frozen_final = None
     if model.mode == "surgery":
-        frozen_final = [representations(model.backbone, unlabeled[t], 64, device,
-                                         f"merged features {model.task_names[t]}").final
-                        for t in range(num_tasks)]
+        frozen_final = [
+            representations(
+                model.backbone, unlabeled[t], 64, device, f"merged features {model.task_names[t]}"
+            ).final
+            for t in range(num_tasks)
+        ]
     cursors = [(rng.permutation(len(u)), 0) for u in unlabeled]
     losses = []
     model.eval()  # no dropout: representations are compared deterministically

@@ -9,8 +9,8 @@ import numpy as np
 
 from .config import Config
 from .data import IMAGE_SUFFIXES, TaskData, load_task, read_image, resolve_path
-from .errors import UserError
 from .demo import generate
+from .errors import UserError
 from .utils import fingerprint
 
 
@@ -20,13 +20,17 @@ def load_tasks(config: Config, data_root: Path, cache: Path) -> list[TaskData]:
         names = options.pop("tasks") or None
         folder = cache / "demo-data" / fingerprint(config.seed, options, names)
         if not (folder / ".complete").is_file():
-            generate(folder, seed=config.seed, train=options["train"], test=options["test"],
-                     **({"tasks": tuple(names)} if names else {}))
+            generate(
+                folder,
+                seed=config.seed,
+                train=options["train"],
+                test=options["test"],
+                **({"tasks": tuple(names)} if names else {}),
+            )
             (folder / ".complete").write_text("ok\n")
         task_names = names or [p.name for p in sorted(folder.iterdir()) if p.is_dir()]
         return [load_task(n, str(folder / n), data_root) for n in task_names]
-    return [load_task(t.name, t.path, data_root, t.train_limit, t.test_limit)
-            for t in config.tasks]
+    return [load_task(t.name, t.path, data_root, t.train_limit, t.test_limit) for t in config.tasks]
 
 
 def unlabeled_inputs(config: Config, tasks: list[TaskData], data_root: Path) -> list[list]:
@@ -44,8 +48,10 @@ def unlabeled_inputs(config: Config, tasks: list[TaskData], data_root: Path) -> 
         name = source[5:]
         match = [t for t in tasks if t.name == name]
         if not match:
-            raise UserError(f"surgery.unlabeled '{source}': no task named '{name}'; tasks: "
-                            f"{', '.join(t.name for t in tasks)}")
+            raise UserError(
+                f"surgery.unlabeled '{source}': no task named '{name}'; tasks: "
+                f"{', '.join(t.name for t in tasks)}"
+            )
         pools = [list(match[0].test.inputs)] * len(tasks)
     else:
         wild = read_wild(resolve_path(source, data_root))
@@ -55,8 +61,11 @@ def unlabeled_inputs(config: Config, tasks: list[TaskData], data_root: Path) -> 
     out = []
     for pool in pools:
         keep = max(1, int(round(len(pool) * fraction)))
-        rows = np.sort(rng.choice(len(pool), size=keep, replace=False)) if keep < len(pool) else \
-            np.arange(len(pool))
+        rows = (
+            np.sort(rng.choice(len(pool), size=keep, replace=False))
+            if keep < len(pool)
+            else np.arange(len(pool))
+        )
         out.append([pool[i] for i in rows])
     return out
 
@@ -64,8 +73,10 @@ def unlabeled_inputs(config: Config, tasks: list[TaskData], data_root: Path) -> 
 def read_wild(path: Path) -> list:
     """Unlabeled inputs from a file or folder; labels, if the file has any, are ignored."""
     if not path.exists():
-        raise UserError(f"surgery.unlabeled: {path} does not exist (expected 'test', "
-                        "'task:<name>', a text/jsonl file, an .npz, or a folder of inputs)")
+        raise UserError(
+            f"surgery.unlabeled: {path} does not exist (expected 'test', "
+            "'task:<name>', a text/jsonl file, an .npz, or a folder of inputs)"
+        )
     if path.is_file() and path.suffix == ".npz":
         with np.load(path) as z:
             key = "x_test" if "x_test" in z else "x_train"
@@ -76,8 +87,11 @@ def read_wild(path: Path) -> list:
             if line.strip():
                 items.append(json.loads(line)["text"] if line.lstrip().startswith("{") else line)
     elif (path / "test.jsonl").is_file():
-        items = [json.loads(x)["text"] for x in
-                 (path / "test.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+        items = [
+            json.loads(x)["text"]
+            for x in (path / "test.jsonl").read_text(encoding="utf-8").splitlines()
+            if x.strip()
+        ]
     else:
         files = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
         items = [read_image(f) for f in files]

@@ -87,8 +87,10 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but CUDA is not available here; "
-                        "use --device cpu or --device auto")
+        raise UserError(
+            "--device cuda was asked for but CUDA is not available here; "
+            "use --device cpu or --device auto"
+        )
     if name not in ("cpu", "cuda"):
         raise UserError(f"--device must be auto, cpu or cuda, got '{name}'")
     return torch.device(name)

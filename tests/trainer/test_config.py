@@ -23,7 +23,9 @@ def test_unknown_key_is_named_with_the_valid_ones(tmp_path):
 
 
 def test_set_overrides_and_type_checks():
-    cfg = load_config("demo", ["finetune.steps=7", "surgery.loss=mse", "merge.task_arithmetic.lam=0.5"])
+    cfg = load_config(
+        "demo", ["finetune.steps=7", "surgery.loss=mse", "merge.task_arithmetic.lam=0.5"]
+    )
     assert cfg.finetune.steps == 7 and cfg.surgery.loss == "mse"
     assert cfg.merge.task_arithmetic == {"lam": 0.5}
     with pytest.raises(UserError, match="must be an integer"):
@@ -32,14 +34,17 @@ def test_set_overrides_and_type_checks():
         load_config("demo", ["merge.task_arithmetic.lambda=0.5"])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("surgery.rank=0", "rank must be >= 1"),
-    ("surgery.loss='huber'", "unknown surgery.loss"),
-    ("surgery.modes=['deep']", "unknown surgery mode"),
-    ("surgery.unlabeled_fraction=0", r"unlabeled_fraction must be in \(0, 1\]"),
-    ("surgery.unlabeled_fraction=1.5", r"unlabeled_fraction must be in \(0, 1\]"),
-    ("merge.methods=['magic']", "unknown merge method"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("surgery.rank=0", "rank must be >= 1"),
+        ("surgery.loss='huber'", "unknown surgery.loss"),
+        ("surgery.modes=['deep']", "unknown surgery mode"),
+        ("surgery.unlabeled_fraction=0", r"unlabeled_fraction must be in \(0, 1\]"),
+        ("surgery.unlabeled_fraction=1.5", r"unlabeled_fraction must be in \(0, 1\]"),
+        ("merge.methods=['magic']", "unknown merge method"),
+    ],
+)
 def test_bad_surgery_and_merge_settings(override, message):
     with pytest.raises(UserError, match=message):
         load_config("demo", [override])

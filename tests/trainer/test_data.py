@@ -19,9 +19,14 @@ def test_jsonl_task_and_limits(text_tasks):
 
 def test_npz_task(tmp_path):
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "t.npz", x_train=rng.integers(0, 255, (6, 8, 8, 3), dtype=np.uint8),
-             y_train=np.array([0, 1, 0, 1, 0, 1]), x_test=np.zeros((2, 8, 8, 3), np.uint8),
-             y_test=np.array([0, 1]), classes=np.array(["a", "b"]))
+    np.savez(
+        tmp_path / "t.npz",
+        x_train=rng.integers(0, 255, (6, 8, 8, 3), dtype=np.uint8),
+        y_train=np.array([0, 1, 0, 1, 0, 1]),
+        x_test=np.zeros((2, 8, 8, 3), np.uint8),
+        y_test=np.array([0, 1]),
+        classes=np.array(["a", "b"]),
+    )
     task = load_task("t", str(tmp_path / "t.npz"), tmp_path)
     assert task.modality == "image" and task.train.inputs.shape == (6, 8, 8, 3)
 

@@ -14,8 +14,19 @@ from trainer.utils import sha256_file
 
 
 def _run(config, tmp_path, *extra):
-    return main(["--config", str(config), "--data", str(tmp_path / "data"),
-                 "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"), *extra])
+    return main(
+        [
+            "--config",
+            str(config),
+            "--data",
+            str(tmp_path / "data"),
+            "--out",
+            str(tmp_path / "out"),
+            "--cache",
+            str(tmp_path / "cache"),
+            *extra,
+        ]
+    )
 
 
 def test_fit_writes_results_bundle_and_table(tiny_config, tmp_path, capsys):
@@ -23,9 +34,14 @@ def test_fit_writes_results_bundle_and_table(tiny_config, tmp_path, capsys):
     out = tmp_path / "out"
     results = json.loads((out / "results.json").read_text())
     labels = [(r["method"], r["surgery"]) for r in results["rows"]]
-    assert labels == [("individual", "none"), ("weight_averaging", "none"),
-                      ("task_arithmetic", "none"), ("task_arithmetic", "surgery"),
-                      ("task_arithmetic", "surgeryv2"), ("ties_merging", "none")]
+    assert labels == [
+        ("individual", "none"),
+        ("weight_averaging", "none"),
+        ("task_arithmetic", "none"),
+        ("task_arithmetic", "surgery"),
+        ("task_arithmetic", "surgeryv2"),
+        ("ties_merging", "none"),
+    ]
     for row in results["rows"]:
         assert set(row["acc"]) == {"animals", "colours"}
         assert 0.0 <= row["avg"] <= 1.0
@@ -88,8 +104,9 @@ def test_cuda_without_cuda(tiny_config, tmp_path, capsys):
     assert "CUDA is not available" in _error(capsys)
 
 
-def test_expert_checkpoint_with_a_mismatched_parameter(tiny_config, tmp_path, tiny_bert_dir,
-                                                       capsys):
+def test_expert_checkpoint_with_a_mismatched_parameter(
+    tiny_config, tmp_path, tiny_bert_dir, capsys
+):
     weights = load_file(str(tiny_bert_dir / "model.safetensors"))
     tensors = {f"backbone.model.{k}": v for k, v in weights.items()}
     key = "backbone.model.encoder.layer.0.attention.self.query.weight"
@@ -99,7 +116,9 @@ def test_expert_checkpoint_with_a_mismatched_parameter(tiny_config, tmp_path, ti
     tensors["head.weight"], tensors["head.bias"] = torch.zeros(2, 32), torch.zeros(2)
     save_file(tensors, str(tmp_path / "expert.safetensors"))
     text = tiny_config.read_text().replace(
-        'path = "{data}/animals"', f'path = "{{data}}/animals"\ncheckpoint = "{tmp_path}/expert.safetensors"')
+        'path = "{data}/animals"',
+        f'path = "{{data}}/animals"\ncheckpoint = "{tmp_path}/expert.safetensors"',
+    )
     tiny_config.write_text(text)
     assert _run(tiny_config, tmp_path) == 2
     msg = _error(capsys)
@@ -107,6 +126,10 @@ def test_expert_checkpoint_with_a_mismatched_parameter(tiny_config, tmp_path, ti
 
 
 def test_cli_module_exit_code():
-    proc = subprocess.run([sys.executable, "-m", "trainer.fit", "--config", "nope"],
-                          capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.fit", "--config", "nope"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert proc.returncode == 2 and proc.stderr.startswith("error: unknown config 'nope'")

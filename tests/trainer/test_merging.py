@@ -11,7 +11,9 @@ E2 = {"w": torch.tensor([1.0, 3.0, 0.5, 0.0]), "idx": torch.tensor([7, 7])}
 
 
 def test_registry_has_every_method():
-    assert {"weight_averaging", "task_arithmetic", "ties_merging", "adamerging"} <= set(MERGE_METHODS)
+    assert {"weight_averaging", "task_arithmetic", "ties_merging", "adamerging"} <= set(
+        MERGE_METHODS
+    )
 
 
 def test_task_vectors_skip_integer_buffers():

@@ -6,13 +6,15 @@ import numpy as np
 import torch
 
 from trainer.backbones import HFTextBackbone
-from trainer.evaluate import evaluate_task
 from trainer.data import Split
+from trainer.evaluate import evaluate_task
 from trainer.model import Heads, MultiTaskModel
 from trainer.surgery import Targets, representations, surgery_loss, train_surgery
 
-TEXTS = [[f"task zero sentence number {i} about cats" for i in range(12)],
-         [f"the other task has row {i} on cars and roads" for i in range(12)]]
+TEXTS = [
+    [f"task zero sentence number {i} about cats" for i in range(12)],
+    [f"the other task has row {i} on cars and roads" for i in range(12)],
+]
 
 
 def _setup(tiny_bert_dir, mode="surgeryv2", rank=4):
@@ -83,8 +85,9 @@ def test_surgery_never_reads_labels(tiny_bert_dir):
         rng = np.random.default_rng(seed)
         splits = [Split(TEXTS[t], rng.integers(0, 2, 12)) for t in range(2)]  # labels differ
         inputs = [s.inputs for s in splits]
-        targets = [representations(e, inputs[t], 6, torch.device("cpu"))
-                   for t, e in enumerate(experts)]
+        targets = [
+            representations(e, inputs[t], 6, torch.device("cpu")) for t, e in enumerate(experts)
+        ]
         train_surgery(model, inputs, targets, iterations=5, batch_size=6, lr=1e-3)
         results.append([p.detach().clone() for p in model.adapter_parameters()])
     for a, b in zip(*results):

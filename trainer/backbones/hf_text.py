@@ -6,7 +6,6 @@ over tokens (sentence-transformers' pooling for all-MiniLM-L6-v2) or the [CLS] t
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -17,8 +16,13 @@ from ..errors import UserError
 from .base import Backbone
 
 # Files of a tokenizer/model directory that the bundle needs to rebuild the architecture.
-_ASSET_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
-                "special_tokens_map.json")
+_ASSET_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+)
 
 
 def minilm_dir() -> Path:
@@ -45,8 +49,13 @@ def resolve_model_dir(path: str) -> Path:
 class HFTextBackbone(Backbone):
     modality = "text"
 
-    def __init__(self, model_dir: str | Path, max_length: int = 128, pooling: str = "mean",
-                 pretrained: bool = True):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        max_length: int = 128,
+        pooling: str = "mean",
+        pretrained: bool = True,
+    ):
         super().__init__()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoConfig, AutoModel, AutoTokenizer
@@ -56,12 +65,14 @@ class HFTextBackbone(Backbone):
         self.pooling = pooling
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         if pretrained:
-            self.model = AutoModel.from_pretrained(self.model_dir, add_pooling_layer=False,
-                                                   attn_implementation="sdpa")
+            self.model = AutoModel.from_pretrained(
+                self.model_dir, add_pooling_layer=False, attn_implementation="sdpa"
+            )
         else:
             cfg = AutoConfig.from_pretrained(self.model_dir)
-            self.model = AutoModel.from_config(cfg, add_pooling_layer=False,
-                                               attn_implementation="sdpa")
+            self.model = AutoModel.from_config(
+                cfg, add_pooling_layer=False, attn_implementation="sdpa"
+            )
         self.model.eval()
         cfg = self.model.config
         self.num_blocks = cfg.num_hidden_layers
@@ -89,18 +100,32 @@ class HFTextBackbone(Backbone):
         return self.token_mean(hidden, ctx)
 
     def collate(self, inputs):
-        enc = self.tokenizer(list(inputs), truncation=True, max_length=self.max_length,
-                             padding=True, return_tensors="pt")
+        enc = self.tokenizer(
+            list(inputs),
+            truncation=True,
+            max_length=self.max_length,
+            padding=True,
+            return_tensors="pt",
+        )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def spec(self):
-        return {"kind": "hf_text", "max_length": self.max_length, "pooling": self.pooling,
-                "model_type": self.model.config.model_type, "num_blocks": self.num_blocks,
-                "width": self.width}
+        return {
+            "kind": "hf_text",
+            "max_length": self.max_length,
+            "pooling": self.pooling,
+            "model_type": self.model.config.model_type,
+            "num_blocks": self.num_blocks,
+            "width": self.width,
+        }
 
     def preprocessing(self):
-        return {"type": "text", "tokenizer": "tokenizer.json", "max_length": self.max_length,
-                "pad_token_id": int(self.tokenizer.pad_token_id or 0)}
+        return {
+            "type": "text",
+            "tokenizer": "tokenizer.json",
+            "max_length": self.max_length,
+            "pad_token_id": int(self.tokenizer.pad_token_id or 0),
+        }
 
     def save_assets(self, directory):
         names = []
@@ -113,5 +138,3 @@ class HFTextBackbone(Backbone):
             self.tokenizer.backend_tokenizer.save(str(Path(directory) / "tokenizer.json"))
             names.append("tokenizer.json")
         return names
-
-

@@ -49,7 +49,7 @@ def load_visual_state(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # corrupt file: say which and why
         raise UserError(f"cannot read backbone weights {path}: {exc}") from None
     if any(k.startswith("visual.") for k in state):
-        state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+        state = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
     return state
 
 
@@ -57,8 +57,14 @@ class OpenClipViTBackbone(Backbone):
     modality = "image"
     normalize_head = True
 
-    def __init__(self, model: str = "", vision_cfg: dict | None = None, embed_dim: int = 0,
-                 weights: str = "", init_seed: int = 0):
+    def __init__(
+        self,
+        model: str = "",
+        vision_cfg: dict | None = None,
+        embed_dim: int = 0,
+        weights: str = "",
+        init_seed: int = 0,
+    ):
         super().__init__()
         import open_clip
         from open_clip.model import _build_vision_tower
@@ -133,11 +139,22 @@ class OpenClipViTBackbone(Backbone):
         return np.asarray(pil.crop((left, top, left + tw, top + th)))
 
     def spec(self):
-        return {"kind": "open_clip_vit", "model": self.model_name, "vision_cfg": self.vision_cfg,
-                "embed_dim": self.embed_dim, "quick_gelu": self.quick_gelu,
-                "num_blocks": self.num_blocks, "width": self.width}
+        return {
+            "kind": "open_clip_vit",
+            "model": self.model_name,
+            "vision_cfg": self.vision_cfg,
+            "embed_dim": self.embed_dim,
+            "quick_gelu": self.quick_gelu,
+            "num_blocks": self.num_blocks,
+            "width": self.width,
+        }
 
     def preprocessing(self):
-        return {"type": "image", "image_size": list(self.image_size), "mean": list(self.mean),
-                "std": list(self.std), "interpolation": "bicubic",
-                "resize": "shortest_edge_then_center_crop"}
+        return {
+            "type": "image",
+            "image_size": list(self.image_size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": "bicubic",
+            "resize": "shortest_edge_then_center_crop",
+        }
