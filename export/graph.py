@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -96,19 +98,46 @@ def export_graph(
         program.save(str(path), external_data=False)
 
 
-def convert_to_fp16(path: Path) -> None:
+def convert_to_fp16(path: Path) -> list[str]:
     """fp32 graph -> fp16 weights and activations, in place; inputs/outputs stay float32
-    (the runtime feeds float32 pixel_values and reads float32 logits)."""
+    (the runtime feeds float32 pixel_values and reads float32 logits). Returns the op types
+    kept in fp32 beyond onnxruntime's default block list."""
     import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
     model = onnx.load(str(path))
+    kept = []
+    if any(node.op_type == "Conv" for node in model.graph.node):
+        # measured (onnxruntime 1.31, CPU): fp16 Transposes in a graph holding a Conv crash the
+        # NchwcTransformer at session creation (segfault); the ViT's Transposes stay fp32
+        kept = ["Transpose"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # constants beyond fp16's range (e.g. finfo(float32).min in the attention mask) are
         # clipped to ±65504, which still masks; padding logits (-1e4) are exact in fp16
-        model16 = convert_float_to_float16(model, keep_io_types=True)
+        model16 = convert_float_to_float16(
+            model, keep_io_types=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *kept]
+        )
+    # the converter appends the input Casts after their consumers; the checker wants order
+    OnnxModel.graph_topological_sort(model16.graph)
     onnx.save(model16, str(path))
+    return kept
+
+
+def probe_session(path: Path) -> None:
+    """Create a CPU session for ``path`` in a child process first: an onnxruntime crash
+    (segfault) on a graph it cannot handle must become an error, not kill the export."""
+    code = (
+        "import sys, onnxruntime as ort; o = ort.SessionOptions(); o.log_severity_level = 3; "
+        "ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    if result.returncode < 0:
+        raise UserError(
+            f"onnxruntime's CPU provider crashes (signal {-result.returncode}) loading the fp16 "
+            "graph; export with --precision fp32"
+        )
 
 
 def check_graph(path: Path) -> None:
@@ -122,6 +151,8 @@ def cpu_session(path: Path, threads: int = 0, precision: str = "fp32"):
     precision becomes a one-line UserError."""
     import onnxruntime as ort
 
+    if precision == "fp16":
+        probe_session(path)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
     options.log_severity_level = 3

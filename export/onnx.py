@@ -168,6 +168,12 @@ def _load(bundle: Path | None):
     return bundle, model, manifest
 
 
+def reference_logits(graph: FusedGraph, held_out: list) -> list[np.ndarray]:
+    """PyTorch logits [B, C_max] of every held-out batch: the bar the graph is held to."""
+    with torch.no_grad():
+        return [graph(*(b[n] for n in graph.names), t).numpy() for b, t in held_out]
+
+
 def _run(session, names: list[str], batch: dict, task_ids: torch.Tensor | None) -> np.ndarray:
     feed = {n: batch[n].numpy() for n in names}
     if task_ids is not None:
@@ -197,11 +203,11 @@ def _check_bar(parity: dict, precision: str, what: str) -> None:
 
 
 def _write_graph(graph, example, path: Path, precision: str, opset: int):
+    """Export, convert to ``precision``, check; -> (CPU session, op types kept fp32 in fp16)."""
     export_graph(graph, example, path, opset)
-    if precision == "fp16":
-        convert_to_fp16(path)
+    kept = convert_to_fp16(path) if precision == "fp16" else []
     check_graph(path)
-    return cpu_session(path, precision=precision)
+    return cpu_session(path, precision=precision), kept
 
 
 def export(
@@ -233,12 +239,11 @@ def export(
     raw, row_tasks = held_out_inputs(modality, len(indices), ROWS_PER_TASK, image_size)
     held_out = batches(model.backbone, raw, row_tasks)
     fused = FusedGraph(model).eval()
-    with torch.no_grad():
-        reference = [fused(*(b[n] for n in names), t).numpy() for b, t in held_out]
+    reference = reference_logits(fused, held_out)
     example = (*(held_out[0][0][n] for n in names), held_out[0][1])
 
     with atomic_directory(out) as tmp:
-        session = _write_graph(fused, example, tmp / "model.onnx", precision, opset)
+        session, kept_fp32 = _write_graph(fused, example, tmp / "model.onnx", precision, opset)
         onnx_out = [_run(session, names, b, t) for b, t in held_out]
         ids = row_tasks.numpy()
         parity = compare(
@@ -258,7 +263,7 @@ def export(
             for t, name in enumerate(model.task_names):
                 single = SingleTaskGraph(task_subset(model, [t])).eval()
                 file = _graph_file(name, t)
-                one = _write_graph(single, example[:-1], tmp / file, precision, opset)
+                one, _ = _write_graph(single, example[:-1], tmp / file, precision, opset)
                 rows = [(b, (tt == t).numpy()) for b, tt in held_out]
                 got = np.concatenate([_run(one, names, b, None)[r] for b, r in rows])
                 want = np.concatenate(
@@ -330,6 +335,7 @@ def export(
             "preprocessing": bundle_manifest["preprocessing"],
             "opset": opset,
             "precision": precision,
+            **({"fp16_ops_kept_fp32": kept_fp32} if precision == "fp16" else {}),
             "sha256": {f: sha256_file(tmp / f) for f in files},
             **({"per_task": per_task_files} if per_task else {}),
             "parity": parity,

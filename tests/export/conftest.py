@@ -1,0 +1,65 @@
+"""Tiny bundles for the export tests: a 2-block BERT and a 2-block ViT, random adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+TASKS = {
+    "animals": ["cat", "dog"],
+    "colours": ["red", "green", "blue"],
+    "moods": ["happy", "sad", "calm", "angry"],
+}
+TINY_VIT = {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32}
+
+
+def build_model(kind: str, mode: str, bert_dir: Path, seed: int = 0):
+    """A MultiTaskModel on a tiny backbone with random heads and adapters (seeded)."""
+    from trainer.backbones import HFTextBackbone, OpenClipViTBackbone
+    from trainer.model import Heads, MultiTaskModel
+
+    if kind == "text":
+        backbone = HFTextBackbone(bert_dir, max_length=16)
+    else:
+        backbone = OpenClipViTBackbone(vision_cfg=TINY_VIT, embed_dim=32)
+    generator = torch.Generator().manual_seed(seed)
+    sizes = [len(c) for c in TASKS.values()]
+    # spread-out logits: fp16 top-1 is then decided by margins, not by near-ties
+    scale = 4.0 if backbone.normalize_head else 1.0
+    heads = Heads(
+        [torch.randn(n, backbone.feature_dim, generator=generator) * scale for n in sizes],
+        [torch.randn(n, generator=generator) for n in sizes],
+        normalize=backbone.normalize_head,
+    )
+    model = MultiTaskModel(backbone, heads, list(TASKS), mode=mode, rank=4).eval()
+    with torch.no_grad():
+        for p in model.adapter_parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def make_bundle(tmp_path_factory, tiny_bert_dir):
+    """make_bundle(kind, mode) -> a read-only bundle dir at <tmp>/runs/<kind>-<mode>/bundle."""
+    from trainer.bundle import write_bundle
+
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("export-runs")
+    cache: dict[tuple[str, str], Path] = {}
+
+    def make(kind: str, mode: str) -> Path:
+        if (kind, mode) not in cache:
+            model = build_model(kind, mode, tiny_bert_dir)
+            directory = root / "runs" / f"{kind}-{mode}" / "bundle"
+            write_bundle(
+                directory,
+                model,
+                list(TASKS.values()),
+                {"suite": "tiny", "merge": {"method": "task_arithmetic"}},
+            )
+            cache[kind, mode] = directory
+        return cache[kind, mode]
+
+    return make
