@@ -15,8 +15,12 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+DEMO_TEXT ?= the eagle rested happily on the ridge at dawn.
+
 run: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m trainer.fit
+	HF_HUB_OFFLINE=1 $(BIN)/python -m trainer.fit --out runs/demo
+	HF_HUB_OFFLINE=1 $(BIN)/python -m export.onnx --tasks all --bundle runs/demo/bundle --out runs/demo/onnx --force
+	$(BIN)/python -m runtime.demo --model runs/demo/onnx --text "$(DEMO_TEXT)"
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
