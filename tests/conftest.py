@@ -30,19 +30,27 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copyfile(src / name, out / name)
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     BertModel(cfg, add_pooling_layer=False).save_pretrained(out)
     return out
 
 
-def write_text_task(folder: Path, classes: list[str], train: list[tuple[str, int]],
-                    test: list[tuple[str, int]]) -> Path:
+def write_text_task(
+    folder: Path, classes: list[str], train: list[tuple[str, int]], test: list[tuple[str, int]]
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "labels.json").write_text(json.dumps(classes))
     for name, rows in (("train", train), ("test", test)):
         (folder / f"{name}.jsonl").write_text(
-            "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+            "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows)
+        )
     return folder
 
 
@@ -63,10 +71,18 @@ def text_tasks(tmp_path) -> Path:
     root = tmp_path / "data"
     animals = [["cat", "dog", "horse"], ["car", "bus", "train"]]
     colours = [["red", "blue"], ["happy", "sad"], ["table", "chair"]]
-    write_text_task(root / "animals", ["animal", "vehicle"], keyword_rows(animals, 48, 0),
-                    keyword_rows(animals, 24, 1))
-    write_text_task(root / "colours", ["colour", "mood", "furniture"],
-                    keyword_rows(colours, 48, 2), keyword_rows(colours, 24, 3))
+    write_text_task(
+        root / "animals",
+        ["animal", "vehicle"],
+        keyword_rows(animals, 48, 0),
+        keyword_rows(animals, 24, 1),
+    )
+    write_text_task(
+        root / "colours",
+        ["colour", "mood", "furniture"],
+        keyword_rows(colours, 48, 2),
+        keyword_rows(colours, 24, 3),
+    )
     return root
 
 
