@@ -71,10 +71,11 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--modes", default="surgeryv2,surgery")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model-dir", default="minilm", help="local BERT-family dir, or 'minilm'")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    merged = HFTextBackbone(resolve_model_dir("minilm"), max_length=128)
+    merged = HFTextBackbone(resolve_model_dir(args.model_dir), max_length=128)
     experts = []
     tmp = Path(tempfile.mkdtemp())
     for t in range(len(TASKS)):  # stand-in experts: seeded perturbations of the base

@@ -120,8 +120,8 @@ class MultiTaskModel(nn.Module):
     def representations(
         self, batch: dict[str, torch.Tensor], task_ids: torch.Tensor, block_means: bool = False
     ):
-        """Final representation [B, F] and, if asked, each block's token-mean [B, D] (after its
-        adapter): the L + 1 vectors surgery aligns with the experts'."""
+        """-> (final representation [B, F], each block's token-mean [B, D] after its adapter,
+        or [] unless ``block_means``): the L + 1 vectors surgery aligns with the experts'."""
         backbone = self.backbone
         hidden, ctx = backbone.embed(batch)
         need_mask = self.block_adapters is not None or self.final_adapter is not None
@@ -139,8 +139,8 @@ class MultiTaskModel(nn.Module):
         final = backbone.pool(hidden, ctx)
         if self.final_adapter is not None:
             final = self.final_adapter(0, final, unit_mask)
-        return (final, means) if block_means else final
+        return final, means
 
     def forward(self, batch: dict[str, torch.Tensor], task_ids: torch.Tensor) -> torch.Tensor:
         """-> logits [B, C_max]; task t's classes first, padding columns at PAD_LOGIT."""
-        return self.heads(self.representations(batch, task_ids), task_ids)
+        return self.heads(self.representations(batch, task_ids)[0], task_ids)

@@ -3,6 +3,7 @@
 import copy
 
 import numpy as np
+import pytest
 import torch
 
 from trainer.backbones import HFTextBackbone
@@ -33,8 +34,9 @@ def _setup(tiny_bert_dir, mode="surgeryv2", rank=4):
     return model, experts
 
 
-def test_cached_and_on_the_fly_targets_give_the_same_loss(tiny_bert_dir):
-    model, experts = _setup(tiny_bert_dir)
+@pytest.mark.parametrize("mode", ["surgery", "surgeryv2"])
+def test_cached_and_on_the_fly_targets_give_the_same_loss(tiny_bert_dir, mode):
+    model, experts = _setup(tiny_bert_dir, mode)
     cached = [representations(e, TEXTS[t], 5, torch.device("cpu")) for t, e in enumerate(experts)]
     rows = [3, 7, 1, 10]
     for t, expert in enumerate(experts):
