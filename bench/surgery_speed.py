@@ -115,10 +115,17 @@ def main(argv=None) -> None:
             opt.zero_grad(set_to_none=True)
             for t in range(len(TASKS)):
                 rows_ = list(range(it * args.batch_size, (it + 1) * args.batch_size))
-                batch = {
-                    k: v.to(device) for k, v in merged.collate([texts[t][i] for i in rows_]).items()
-                }
                 ids = torch.full((len(rows_),), t, device=device)
+                if how == "cached" and frozen is not None:
+                    # v1 as train_surgery runs it: no tokenisation, no backbone pass at all
+                    out = model.final_adapter(
+                        0, frozen[t][rows_].to(device), model.final_adapter.unit_mask(ids)
+                    )
+                    loss = torch.nn.functional.l1_loss(out, cached[t].final[rows_].to(device))
+                    loss.backward()
+                    continue
+                texts_ = [texts[t][i] for i in rows_]
+                batch = {k: v.to(device) for k, v in merged.collate(texts_).items()}
                 if how == "cached":
                     tgt = cached[t].take(torch.tensor(rows_))
                     tgt = Targets(tgt.blocks.to(device), tgt.final.to(device))
@@ -126,13 +133,7 @@ def main(argv=None) -> None:
                     if how == "reload":
                         experts[t].load_state_dict(load_file(str(tmp / f"expert{t}.safetensors")))
                     tgt = _expert_targets(experts[t], batch)
-                if frozen is not None and how == "cached":
-                    out = model.final_adapter(
-                        0, frozen[t][rows_].to(device), model.final_adapter.unit_mask(ids)
-                    )
-                    loss = torch.nn.functional.l1_loss(out, tgt.final)
-                else:
-                    loss = surgery_loss(model, batch, ids, tgt, "l1")
+                loss = surgery_loss(model, batch, ids, tgt, "l1")
                 loss.backward()
             opt.step()
             if device.type == "cuda":
