@@ -1,4 +1,4 @@
-"""Layer-wise AdaMerging: starts at task arithmetic (λ = 0.3), learns by entropy, stays in [0, 1]."""
+"""Layer-wise AdaMerging: starts at task arithmetic, learns by entropy, stays in [0, 1]."""
 
 import copy
 
@@ -6,7 +6,7 @@ import torch
 
 from trainer.adamerging import MergeContext, _merged, adamerging
 from trainer.backbones import HFTextBackbone
-from trainer.merging import mergeable, merge, task_vectors
+from trainer.merging import merge, mergeable, task_vectors
 from trainer.model import Heads
 
 TEXTS = [[f"first task text {i}" for i in range(8)], [f"second task row {i}" for i in range(8)]]
