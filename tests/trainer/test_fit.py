@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import REPO
@@ -95,11 +96,8 @@ def test_wild_folder_missing_or_empty(tiny_config, tmp_path, capsys):
     assert "holds no inputs" in _error(capsys)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_cuda(tiny_config, tmp_path, capsys):
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
     assert _run(tiny_config, tmp_path, "--device", "cuda") == 2
     assert "CUDA is not available" in _error(capsys)
 
@@ -111,7 +109,6 @@ def test_expert_checkpoint_with_a_mismatched_parameter(
     tensors = {f"backbone.model.{k}": v for k, v in weights.items()}
     key = "backbone.model.encoder.layer.0.attention.self.query.weight"
     tensors[key] = tensors[key][:16]
-    import torch
 
     tensors["head.weight"], tensors["head.bias"] = torch.zeros(2, 32), torch.zeros(2)
     save_file(tensors, str(tmp_path / "expert.safetensors"))
