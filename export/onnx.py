@@ -19,13 +19,12 @@ import json
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from trainer.errors import UserError
+from trainer.errors import UserError, run_cli
 from trainer.model import PAD_LOGIT, Heads, MultiTaskModel
 from trainer.utils import atomic_directory, sha256_file
 
@@ -69,16 +68,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        manifest, out = export(
+    code, result = run_cli(
+        lambda: export(
             args.bundle, args.out, args.tasks, args.precision, args.per_task, args.opset, args.force
         )
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
-        return 130
+    )
+    if code:
+        return code
+    manifest, out = result
     parity = manifest["parity"]
     print(
         f"wrote {out}/model.onnx ({manifest['precision']}, opset {manifest['opset']}, "

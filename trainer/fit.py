@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import Config, load_config
-from .errors import UserError
+from .errors import UserError, run_cli
 
 log = logging.getLogger("deepsurgery")
 
@@ -55,15 +55,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _quiet_libraries()
-    try:
-        run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written for this run", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(lambda: run(args))[0]
 
 
 def _quiet_libraries() -> None:
