@@ -56,6 +56,35 @@ class FinetuneConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """Supervised pre-training of the base on a generic labelled corpus before the experts
+    (for backbones without pretrained weights here, e.g. a small ViT on cifar10). Off when
+    ``path`` is empty. The result is cached like the experts; its head is dropped."""
+
+    name: str = "pretrain"
+    path: str = ""  # a task folder or .npz, like [[tasks]] paths
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: float = 0.1
+    augment: bool = True  # images: random crop (4 px padding) + horizontal flip
+    train_limit: int = 0
+    test_limit: int = 0
+    seed: int = 0
+
+
+@dataclass
+class MultitaskConfig:
+    """The "Traditional MTL" reference row: one backbone + per-task heads fine-tuned jointly
+    on every task's train split (each step: ``finetune.batch_size`` rows of every task)."""
+
+    enabled: bool = False
+    steps: int = 0  # 0 = finetune.steps (then it sees as many rows as all experts together)
+    lr: float = 0.0  # 0 = finetune.lr
+
+
+@dataclass
 class MergeConfig:
     methods: list = field(default_factory=lambda: ["task_arithmetic"])
     task_arithmetic: dict = field(default_factory=dict)  # {"lam": 0.3}
@@ -94,7 +123,9 @@ class Config:
     name: str = "run"
     seed: int = 0
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     surgery: SurgeryConfig = field(default_factory=SurgeryConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -245,6 +276,11 @@ def validate(config: Config) -> None:
                 )
     if config.finetune.steps < 1 or config.finetune.batch_size < 1:
         raise UserError("finetune.steps and finetune.batch_size must be >= 1")
+    pre = config.pretrain
+    if pre.path and (pre.steps < 1 or pre.batch_size < 1 or pre.lr <= 0):
+        raise UserError("pretrain.steps and pretrain.batch_size must be >= 1 and pretrain.lr > 0")
+    if config.multitask.steps < 0 or config.multitask.lr < 0:
+        raise UserError("multitask.steps and multitask.lr must be >= 0 (0 = the finetune value)")
     from .model import SURGERY_MODES
     from .surgery import LOSSES
 

@@ -8,10 +8,12 @@ per merge method × surgery mode, then write results.json, the table and the bun
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -85,28 +87,121 @@ def run(args: argparse.Namespace) -> dict:
     return fit(config, data_root=data_root, cache=cache, out=out, device=device)
 
 
-def fit(config: Config, data_root: Path, cache: Path, out: Path, device: torch.device) -> dict:
-    from .adamerging import MergeContext
+@dataclass
+class Prepared:
+    """Everything the rows share: tasks, experts, the frozen heads, the experts'
+    representations (individual row, bias reference, surgery targets), unlabeled inputs.
+
+    ``trainer.fit`` builds it once; the ``bench`` analyses reuse it to try surgery variants.
+    """
+
+    config: Config
+    device: torch.device
+    tasks: list
+    names: list[str]
+    base_state: dict
+    experts: list
+    plain: object  # MultiTaskModel (mode "none") whose backbone is loaded per row
+    unlabeled: list | None
+    test_targets: list
+    train_targets: list
+    individual: dict
+    pretrain: dict | None
+    timing: dict = field(default_factory=dict)
+    _clock: float = field(default_factory=time.perf_counter)
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timing[stage] = round(self.timing.get(stage, 0.0) + now - self._clock, 2)
+        self._clock = now
+
+    def merged(self, method: str) -> tuple[dict, dict]:
+        """The merged backbone state of ``method`` with the config's hyper-parameters."""
+        from .adamerging import MergeContext
+        from .merging import DATA_DRIVEN, merge
+
+        hparams = dict(getattr(self.config.merge, method))
+        extra = {}
+        if method in DATA_DRIVEN:
+            self.plain.backbone.load_state_dict(self.base_state)
+            extra["context"] = MergeContext(
+                self.plain.backbone,
+                self.plain.heads,
+                self.unlabeled,
+                self.device,
+                self.config.seed,
+            )
+        state = merge(method, self.base_state, [e.state for e in self.experts], **hparams, **extra)
+        return state, hparams
+
+    def model(self, state: dict, mode: str = "none", rank: int | None = None):
+        """A fresh MultiTaskModel on ``state`` with untrained adapters for ``mode``."""
+        from .model import MultiTaskModel
+
+        self.plain.backbone.load_state_dict(state)
+        return MultiTaskModel(
+            self.plain.backbone,
+            self.plain.heads,
+            self.names,
+            mode,
+            rank or self.config.surgery.rank,
+            self.config.seed,
+        ).to(self.device)
+
+    def surgery(self, model, unlabeled=None, targets=None, callback=None, **overrides):
+        """Train ``model``'s adapters (config.surgery values unless overridden)."""
+        from .surgery import train_surgery
+
+        sc = self.config.surgery
+        kwargs = {k: getattr(sc, k) for k in ("iterations", "batch_size", "lr", "loss", "seed")}
+        kwargs.update(overrides)
+        return train_surgery(
+            model,
+            self.unlabeled if unlabeled is None else unlabeled,
+            self.train_targets if targets is None else targets,
+            device=self.device,
+            callback=callback,
+            **kwargs,
+        )
+
+    def evaluate(self, model, label: str, rows: list | None = None) -> tuple[dict, list]:
+        """Per-task accuracy and mean bias per block; ``rows[t]`` limits task t's test rows."""
+        from .evaluate import evaluate_task
+
+        acc, per_task_bias = {}, []
+        for i, task in enumerate(self.tasks):
+            split, targets = task.test, self.test_targets[i]
+            if rows is not None:
+                index = torch.as_tensor(rows[i])
+                split, targets = split.take(rows[i]), targets.take(index)
+            acc[task.name], b = evaluate_task(
+                model,
+                i,
+                split,
+                self.config.eval.batch_size,
+                self.device,
+                targets,
+                f"{label} {task.name}",
+            )
+            per_task_bias.append(b)
+        return acc, [sum(v) / len(v) for v in zip(*per_task_bias)]
+
+
+def prepare(config: Config, data_root: Path, cache: Path, device: torch.device) -> Prepared:
+    """Stages 1-3: inputs (all checked before any training), pre-training, experts, and the
+    experts' representations."""
     from .backbones import build_backbone
-    from .bundle import write_bundle
-    from .evaluate import accuracy_from_features, evaluate_task
+    from .evaluate import accuracy_from_features
     from .experts import get_expert
-    from .merging import DATA_DRIVEN, merge
+    from .merging import DATA_DRIVEN
     from .model import Heads, MultiTaskModel
-    from .report import format_table, plot_bias, results_row, write_results
-    from .surgery import representations, train_surgery
+    from .pretrain import pretrain_base
+    from .surgery import representations
     from .tasks import load_tasks, unlabeled_inputs
     from .utils import state_fingerprint
 
-    timing: dict[str, float] = {}
     clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timing[stage] = round(timing.get(stage, 0.0) + now - clock, 2)
-        clock = now
-
+    timing: dict[str, float] = {}
     # ---- 1. inputs: tasks, unlabeled data, the base (all checked before any training) -------
     torch.manual_seed(config.seed)
     tasks = load_tasks(config, data_root, cache)
@@ -126,13 +221,19 @@ def fit(config: Config, data_root: Path, cache: Path, out: Path, device: torch.d
             f"surgery.rank {sc.rank} exceeds the backbone width "
             f"{min(base.width, base.feature_dim)}; use a rank in 1..{base.width}"
         )
-    base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
     log.info(
         "%d tasks (%s) on %s, device %s", len(tasks), ", ".join(names), config.backbone.kind, device
     )
-    lap("load")
+    timing["load"] = round(time.perf_counter() - clock, 2)
+    clock = time.perf_counter()
 
-    # ---- 2. experts: checkpoints, cache, or fine-tuned here ---------------------------------
+    # ---- 2. the base (pre-trained here when configured) and the experts ---------------------
+    pretrain = None
+    if config.pretrain.path:
+        pretrain = pretrain_base(base, config.pretrain, data_root, cache, device)
+        timing["pretrain"] = round(time.perf_counter() - clock, 2)
+        clock = time.perf_counter()
+    base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
     key_parts = {"backbone": base.spec(), "weights": state_fingerprint(base_state)}
     checkpoints = {t.name: t.checkpoint for t in config.tasks}
     experts = []
@@ -150,8 +251,7 @@ def fit(config: Config, data_root: Path, cache: Path, out: Path, device: torch.d
         )
         log.info("expert %-12s %s", task.name, expert.source)
         experts.append(expert)
-    lap("experts")
-
+    timing["experts"] = round(time.perf_counter() - clock, 2)
     heads = Heads(
         [e.head_weight for e in experts],
         [e.head_bias for e in experts],
@@ -161,7 +261,6 @@ def fit(config: Config, data_root: Path, cache: Path, out: Path, device: torch.d
     batch_size = config.eval.batch_size
 
     # ---- 3. the experts' representations: the individual row, bias and surgery targets ------
-    rows: list[dict] = []
     test_targets, train_targets, individual = [], [], {}
     for i, (task, expert) in enumerate(zip(tasks, experts)):
         plain.backbone.load_state_dict(expert.state)
@@ -181,8 +280,77 @@ def fit(config: Config, data_root: Path, cache: Path, out: Path, device: torch.d
                     plain.backbone, unlabeled[i], batch_size, device, f"targets {task.name}"
                 )
             )
-    rows.append(results_row("individual", "none", individual))
-    lap("targets")
+    prepared = Prepared(
+        config,
+        device,
+        tasks,
+        names,
+        base_state,
+        experts,
+        plain,
+        unlabeled,
+        test_targets,
+        train_targets,
+        individual,
+        pretrain,
+        timing,
+    )
+    prepared.lap("targets")
+    return prepared
+
+
+def multitask_row(prep: Prepared, cache: Path) -> dict:
+    """The "Traditional MTL" reference: one backbone + heads trained on all tasks jointly."""
+    from .experts import CACHE_VERSION, cached_training, train_classifier
+    from .model import Heads, MultiTaskModel
+    from .report import results_row
+    from .utils import fingerprint, state_fingerprint
+
+    cfg = dataclasses.replace(
+        prep.config.finetune,
+        steps=prep.config.multitask.steps or prep.config.finetune.steps,
+        lr=prep.config.multitask.lr or prep.config.finetune.lr,
+    )
+    base = prep.plain.backbone
+    base.load_state_dict(prep.base_state)
+    key = fingerprint(
+        CACHE_VERSION,
+        "multitask",
+        base.spec(),
+        state_fingerprint(prep.base_state),
+        [t.fingerprint for t in prep.tasks],
+        cfg.__dict__,
+    )
+    trained = cached_training(
+        "multitask",
+        "-".join(prep.names)[:60],
+        key,
+        cache,
+        prep.base_state,
+        lambda: train_classifier(
+            base, prep.tasks, cfg, prep.device, base.normalize_head, desc="fine-tune multitask"
+        ),
+    )
+    log.info("multitask reference %s", trained.source)
+    heads = Heads(
+        [w for w, _ in trained.heads], [b for _, b in trained.heads], normalize=base.normalize_head
+    )
+    base.load_state_dict(trained.state)
+    model = MultiTaskModel(base, heads, prep.names).to(prep.device)
+    acc, _ = prep.evaluate(model, "multitask")
+    return results_row("multitask", "none", acc)
+
+
+def fit(config: Config, data_root: Path, cache: Path, out: Path, device: torch.device) -> dict:
+    from .bundle import write_bundle
+    from .report import format_table, plot_bias, results_row, write_results
+
+    prep = prepare(config, data_root, cache, device)
+    sc = config.surgery
+    rows = [results_row("individual", "none", prep.individual)]
+    if config.multitask.enabled:
+        rows.append(multitask_row(prep, cache))
+        prep.lap("multitask")
 
     # ---- 4. every merge method × surgery mode -------------------------------------------------
     bias: dict[str, list[float]] = {}
@@ -190,64 +358,34 @@ def fit(config: Config, data_root: Path, cache: Path, out: Path, device: torch.d
     best = None
     surgery_methods = sc.methods or config.merge.methods
     for method in config.merge.methods:
-        hparams = dict(getattr(config.merge, method))
-        extra = {}
-        if method in DATA_DRIVEN:
-            plain.backbone.load_state_dict(base_state)
-            extra["context"] = MergeContext(
-                plain.backbone, plain.heads, unlabeled, device, config.seed
-            )
-        merged = merge(method, base_state, [e.state for e in experts], **hparams, **extra)
-        lap("merge")
+        merged, hparams = prep.merged(method)
+        prep.lap("merge")
         for mode in sc.modes:
             if mode != "none" and method not in surgery_methods:
                 continue
-            plain.backbone.load_state_dict(merged)
-            model = MultiTaskModel(
-                plain.backbone, plain.heads, names, mode, sc.rank, config.seed
-            ).to(device)
+            model = prep.model(merged, mode)
             if mode != "none":
-                result = train_surgery(
-                    model,
-                    unlabeled,
-                    train_targets,
-                    sc.iterations,
-                    sc.batch_size,
-                    sc.lr,
-                    sc.loss,
-                    device,
-                    sc.seed,
-                )
+                result = prep.surgery(model)
                 surgery_stats[f"{method}/{mode}"] = {
                     "seconds_per_iteration": round(result.seconds_per_iteration, 4),
                     "loss_first": result.losses[0] if result.losses else None,
                     "loss_last": result.losses[-1] if result.losses else None,
                 }
-                lap("surgery")
-            acc, per_task_bias = {}, []
-            for i, task in enumerate(tasks):
-                acc[task.name], b = evaluate_task(
-                    model,
-                    i,
-                    task.test,
-                    batch_size,
-                    device,
-                    test_targets[i],
-                    f"{method}/{mode} {task.name}",
-                )
-                per_task_bias.append(b)
-            bias[f"{method}/{mode}"] = [sum(v) / len(v) for v in zip(*per_task_bias)]
+                prep.lap("surgery")
+            acc, bias[f"{method}/{mode}"] = prep.evaluate(model, f"{method}/{mode}")
             rows.append(results_row(method, mode, acc))
-            lap("eval")
+            prep.lap("eval")
             if _chosen(config.output.bundle, rows[-1], best):
                 best = (rows[-1], model, hparams)
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
     # ---- 5. outputs: results.json, the bias plot, the bundle ---------------------------------
+    timing = prep.timing
     results = {
         "suite": config.name,
-        "backbone": base.spec(),
-        "tasks": names,
+        "backbone": prep.plain.backbone.spec(),
+        "pretrain": prep.pretrain,
+        "tasks": prep.names,
         "rows": rows,
         "bias": bias,
         "surgery": surgery_stats,
@@ -265,11 +403,11 @@ def fit(config: Config, data_root: Path, cache: Path, out: Path, device: torch.d
             "merge": {"method": row["method"], "hparams": hparams},
             "accuracy": row,
         }
-        write_bundle(out / "bundle", model.cpu(), [t.classes for t in tasks], info)
-        lap("bundle")
+        write_bundle(out / "bundle", model.cpu(), [t.classes for t in prep.tasks], info)
+        prep.lap("bundle")
     results["timing_s"] = timing
     write_results(out / "results.json", results)
-    print(format_table(names, rows))
+    print(format_table(prep.names, rows))
     print(
         f"{config.name}: best merged row {best[0]['method']}/{best[0]['surgery']} "
         f"avg {100 * best[0]['avg']:.1f} vs individual {100 * rows[0]['avg']:.1f}; "

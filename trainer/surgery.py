@@ -102,11 +102,14 @@ def train_surgery(
     loss: str = "l1",
     device: torch.device = torch.device("cpu"),
     seed: int = 0,
+    callback=None,
 ) -> SurgeryResult:
     """Train ``model``'s adapters so each task's representations match its expert's.
 
     ``unlabeled[t]`` holds task t's inputs only (no labels exist here); ``targets[t]`` the
-    expert's representations of exactly those inputs, row for row.
+    expert's representations of exactly those inputs, row for row. ``callback(i, model)``,
+    if given, runs after step i (1-based), e.g. to evaluate along the way; its time is not
+    counted in ``seconds_per_iteration``.
     """
     import time
 
@@ -135,7 +138,8 @@ def train_surgery(
     model.eval()  # no dropout: representations are compared deterministically
     started = time.perf_counter()
     bar = progress(range(iterations), f"{model.mode}", "it")
-    for _ in bar:
+    aside = 0.0
+    for step in bar:
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for t in range(num_tasks):
@@ -159,7 +163,13 @@ def train_surgery(
         optimizer.step()
         losses.append(total)
         bar.set_postfix(loss=f"{total:.4f}")
+        if callback is not None:
+            mark = time.perf_counter()
+            callback(step + 1, model)
+            model.eval()
+            aside += time.perf_counter() - mark
     bar.close()
     for p in params:
         p.requires_grad_(False)
-    return SurgeryResult(losses, (time.perf_counter() - started) / max(1, iterations))
+    elapsed = time.perf_counter() - started - aside
+    return SurgeryResult(losses, elapsed / max(1, iterations))
