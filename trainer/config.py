@@ -145,11 +145,13 @@ def _build(cls, data: Any, where: str):
     for key, value in data.items():
         if key not in fields:
             valid = ", ".join(sorted(fields))
-            raise UserError(f"unknown config key '{where}.{key}'; valid keys of [{where}]: {valid}")
+            name = key if where == "config" else f"{where}.{key}"
+            section = "the top level" if where == "config" else f"[{where}]"
+            raise UserError(f"unknown config key '{name}'; valid keys of {section}: {valid}")
         f = fields[key]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
-            value = _build(type(default), value, f"{where}.{key}")
+            value = _build(type(default), value, key if where == "config" else f"{where}.{key}")
         elif key == "tasks":
             if not isinstance(value, list):
                 raise UserError("config key 'tasks' must be an array of tables ([[tasks]])")
