@@ -20,9 +20,11 @@ def machine() -> dict:
     }
 
 
-def write_result(name: str, data: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_result(name: str, data: dict, folder: Path | None = None) -> Path:
+    """``<folder>/<name>.json`` (default bench/results) with the machine and date added."""
+    folder = Path(folder) if folder is not None else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps({**data, "machine": machine()}, indent=2) + "\n")
     tmp.replace(path)

@@ -1,0 +1,297 @@
+"""Plumbing shared by the paper's analyses (``bench.surgery_iterations``, ``bench.rank_sweep``,
+``bench.unlabeled_fraction``, ``bench.wild_data``).
+
+Each analysis builds the trainer's ``Prepared`` once (tasks, cached experts, heads and the
+experts' representations), merges with task arithmetic, then varies one thing about surgery.
+Every evaluation in a run scores the same seeded subset of ``--eval-limit`` test rows per task,
+the reference rows (task arithmetic without surgery, the individual experts) included, so all
+numbers of one run are comparable with each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import RESULTS, write_result
+from trainer.errors import UserError, run_cli
+
+METHOD = "task_arithmetic"  # the merge every analysis repairs, as in the paper's figures
+MODE_LABELS = {"none": "no surgery", "surgery": "Surgery", "surgeryv2": "SurgeryV2"}
+
+
+def parser(prog: str, doc: str, iterations: bool = True) -> argparse.ArgumentParser:
+    """The options every analysis shares; ``iterations`` adds ``--iterations``."""
+    p = argparse.ArgumentParser(
+        prog=f"python -m {prog}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--config",
+        default="text-bench",
+        help="a shipped config name (text-bench, vision-bench, demo) or a TOML file",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value (repeatable), e.g. --set surgery.batch_size=8",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="root for {data} in config paths (env DEEPSURGERY_DATA, else ../shared/data)",
+    )
+    p.add_argument(
+        "--cache",
+        default=None,
+        help="cache folder for experts (env DEEPSURGERY_CACHE, else runs/cache)",
+    )
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument(
+        "--eval-limit",
+        type=int,
+        default=500,
+        metavar="N",
+        help="score every row on the same seeded N test rows per task (0 = full test split)",
+    )
+    if iterations:
+        p.add_argument(
+            "--iterations",
+            type=int,
+            default=None,
+            help="surgery iterations per run (default: the config's surgery.iterations)",
+        )
+    p.add_argument("--out", default=str(RESULTS), help="folder for <name>.json and <name>.png")
+    return p
+
+
+def run_main(p: argparse.ArgumentParser, run: Callable[[argparse.Namespace], dict], argv) -> int:
+    """Parse, quieten the libraries, run; a ``UserError`` is one line and exit code 2."""
+    from trainer.fit import _quiet_libraries
+
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _quiet_libraries()
+    return run_cli(lambda: run(args))[0]
+
+
+def parse_list(text: str, kind: type, flag: str) -> list:
+    """``"4,8,16"`` -> ``[4, 8, 16]``; a bad item is a one-line error naming ``flag``."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    try:
+        return [kind(x) for x in items]
+    except ValueError:
+        raise UserError(
+            f"{flag} expects comma-separated {kind.__name__} values, got '{text}'"
+        ) from None
+
+
+def load_config(args: argparse.Namespace):
+    """The config with every surgery mode on, so ``prepare`` computes the unlabeled inputs
+    and the experts' targets whatever the config's own rows were."""
+    from trainer.config import load_config as load
+
+    config = load(args.config, args.set)
+    config.surgery.modes = ["none", "surgery", "surgeryv2"]
+    if args.eval_limit < 0:
+        raise UserError(f"--eval-limit must be >= 0 (0 = full test split), got {args.eval_limit}")
+    if getattr(args, "iterations", None) is not None and args.iterations < 1:
+        raise UserError(f"--iterations must be >= 1, got {args.iterations}")
+    return config
+
+
+def data_root(args: argparse.Namespace) -> Path:
+    """``--data``, else env DEEPSURGERY_DATA, else ../shared/data (as ``trainer.fit``)."""
+    return Path(
+        args.data
+        or os.environ.get("DEEPSURGERY_DATA")
+        or Path(__file__).resolve().parents[2] / "shared" / "data"
+    )
+
+
+def check_ranks(config, ranks: list[int], flag: str = "--ranks") -> None:
+    """Every rank must fit the backbone (checked before any expert is built or loaded)."""
+    from trainer.backbones import build_backbone
+
+    base = build_backbone(config.backbone)
+    width = min(base.width, base.feature_dim)
+    for rank in ranks:
+        if not 1 <= rank <= width:
+            raise UserError(
+                f"{flag}: rank {rank} does not fit the backbone width {width}; "
+                f"use ranks in 1..{width}"
+            )
+
+
+class Analysis:
+    """One analysis run: the prepared experts, the eval subset, the references, the outputs."""
+
+    def __init__(self, name: str, args: argparse.Namespace, config):
+        from trainer.fit import prepare
+        from trainer.utils import resolve_device
+
+        self.name, self.args, self.config = name, args, config
+        self.started = time.perf_counter()
+        self.device = resolve_device(args.device)
+        cache = Path(args.cache or os.environ.get("DEEPSURGERY_CACHE") or "runs/cache")
+        self.out = Path(args.out)
+        self.prep = prepare(config, data_root(args), cache, self.device)
+        self.names = self.prep.names
+        self.eval_rows = self._eval_rows(args.eval_limit)
+        self.merged_state, self.hparams = self.prep.merged(METHOD)
+        self.individual = self._individual()
+        self.merged = self.score(self.prep.model(self.merged_state), METHOD)
+
+    @property
+    def iterations(self) -> int:
+        return getattr(self.args, "iterations", None) or self.config.surgery.iterations
+
+    def _eval_rows(self, limit: int) -> list[np.ndarray] | None:
+        """A fixed seeded subset of ``limit`` test rows per task (all rows when 0)."""
+        if limit == 0:
+            return None
+        rng = np.random.default_rng(self.config.seed)
+        rows = []
+        for task in self.prep.tasks:
+            n = len(task.test)
+            rows.append(np.sort(rng.choice(n, limit, replace=False)) if limit < n else np.arange(n))
+        return rows
+
+    def _individual(self) -> dict:
+        """The experts' accuracy on the eval subset, from their cached representations."""
+        from trainer.evaluate import accuracy_from_features
+
+        if self.eval_rows is None:
+            return row(self.prep.individual)
+        acc = {}
+        for i, task in enumerate(self.prep.tasks):
+            index = self.eval_rows[i]
+            final = self.prep.test_targets[i].final[torch.as_tensor(index)]
+            acc[task.name] = accuracy_from_features(
+                self.prep.plain, i, final, task.test.labels[index], self.device
+            )
+        return row(acc)
+
+    def score(self, model, label: str) -> dict:
+        """``{"acc": {task: accuracy}, "avg": mean}`` on the eval subset."""
+        acc, _ = self.prep.evaluate(model, label, self.eval_rows)
+        return row(acc)
+
+    def surgery(self, mode: str, rank: int | None = None, **kwargs):
+        """A fresh model on the merged backbone with ``mode`` adapters, trained; -> (model,
+        SurgeryResult). ``kwargs`` go to ``Prepared.surgery`` (unlabeled, targets, callback,
+        iterations, ...); iterations default to ``--iterations`` or the config's."""
+        model = self.prep.model(self.merged_state, mode, rank)
+        kwargs.setdefault("iterations", self.iterations)
+        return model, self.prep.surgery(model, **kwargs)
+
+    def expert_targets(self, pool: list, desc: str, skip: dict | None = None) -> list:
+        """Every expert's representations (``Targets``) of the same inputs ``pool``;
+        ``skip[t]`` supplies task t's ready-made targets instead of recomputing them."""
+        from trainer.surgery import representations
+
+        out = []
+        backbone = self.prep.plain.backbone
+        for t, expert in enumerate(self.prep.experts):
+            if skip and t in skip:
+                out.append(skip[t])
+                continue
+            backbone.load_state_dict(expert.state)
+            out.append(
+                representations(
+                    backbone,
+                    pool,
+                    self.config.eval.batch_size,
+                    self.device,
+                    f"{desc} expert {self.names[t]}",
+                )
+            )
+        return out
+
+    def result(self, **fields) -> dict:
+        """The JSON fields every analysis records, then its own ``fields``."""
+        sc = self.config.surgery
+        return {
+            "bench": self.name,
+            "config": self.config.name,
+            "tasks": self.names,
+            "device": str(self.device),
+            "merge": {"method": METHOD, "hparams": self.hparams},
+            "rank": sc.rank,
+            "iterations": self.iterations,
+            "surgery": {k: getattr(sc, k) for k in ("batch_size", "lr", "loss", "seed")},
+            "unlabeled": sc.unlabeled,
+            "eval_limit": self.args.eval_limit,
+            "eval_rows": {
+                t.name: len(t.test) if self.eval_rows is None else len(self.eval_rows[i])
+                for i, t in enumerate(self.prep.tasks)
+            },
+            "reference": {"individual": self.individual, METHOD: self.merged},
+            **fields,
+            "prepare_s": self.prep.timing,
+            "total_seconds": round(time.perf_counter() - self.started, 1),
+        }
+
+    def write(self, data: dict, draw: Callable) -> tuple[Path, Path]:
+        """``<out>/<name>.json`` and ``<out>/<name>.png`` (``draw(ax)`` fills the axes)."""
+        png = self.out / f"{self.name}.png"
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_plot(png, draw)
+        return write_result(self.name, data, self.out), png
+
+    def references(self, ax) -> None:
+        """The merged (no surgery) and individual averages as horizontal lines."""
+        ax.axhline(100 * self.merged["avg"], color="grey", ls="--", label=f"{METHOD} (no surgery)")
+        ax.axhline(100 * self.individual["avg"], color="black", ls=":", label="individual experts")
+
+    def title(self, what: str) -> str:
+        return f"{self.config.name}: {what} ({METHOD}, eval {self.args.eval_limit or 'all'}/task)"
+
+    def reference_text(self) -> str:
+        return (
+            f"{METHOD} {pct(self.merged['avg'])}, individual {pct(self.individual['avg'])}; "
+            f"{time.perf_counter() - self.started:.0f} s on {self.device}"
+        )
+
+
+def row(acc: dict[str, float], **extra) -> dict:
+    return {"acc": acc, "avg": sum(acc.values()) / len(acc), **extra}
+
+
+def pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.1f}"
+
+
+def subset(n: int, keep: int, seed: int) -> np.ndarray:
+    """A seeded, sorted choice of ``keep`` of ``n`` rows (all of them when keep >= n)."""
+    if keep >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, keep, replace=False))
+
+
+def save_plot(path: Path, draw: Callable) -> None:
+    """One matplotlib (Agg) figure, written to a temporary name then renamed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    draw(ax)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,162 @@
+"""The paper's analyses (bench.surgery_iterations, rank_sweep, unlabeled_fraction, wild_data)
+end to end on the tiny model: their JSON, plot and one-line errors."""
+
+import json
+
+import pytest
+
+from bench import rank_sweep, surgery_iterations, unlabeled_fraction, wild_data
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One expert cache for the module: the tiny experts are trained once, then loaded."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def _run(module, config, tmp_path, cache, *extra):
+    return module.main(
+        [
+            "--config",
+            str(config),
+            "--data",
+            str(tmp_path / "data"),
+            "--cache",
+            str(cache),
+            "--out",
+            str(tmp_path / "res"),
+            "--device",
+            "cpu",
+            "--eval-limit",
+            "16",
+            *extra,
+        ]
+    )
+
+
+def _result(tmp_path, name):
+    assert (tmp_path / "res" / f"{name}.png").stat().st_size > 1000
+    data = json.loads((tmp_path / "res" / f"{name}.json").read_text())
+    assert data["bench"] == name and data["config"] == "tiny" and data["device"] == "cpu"
+    assert data["tasks"] == ["animals", "colours"]
+    assert data["eval_limit"] == 16 and data["eval_rows"] == {"animals": 16, "colours": 16}
+    for ref in data["reference"].values():
+        _check_row(ref)
+    assert data["total_seconds"] > 0 and "machine" in data
+    return data
+
+
+def _check_row(row):
+    assert set(row["acc"]) == {"animals", "colours"}
+    assert all(0.0 <= v <= 1.0 for v in row["acc"].values())
+    assert 0.0 <= row["avg"] <= 1.0
+
+
+def test_surgery_iterations(tiny_config, tmp_path, cache, capsys):
+    code = _run(
+        surgery_iterations,
+        tiny_config,
+        tmp_path,
+        cache,
+        *("--surgery-iterations", "4", "--surgeryv2-iterations", "2"),
+        *("--checkpoints", "0,2,4", "--compare-at", "2"),
+    )
+    assert code == 0
+    data = _result(tmp_path, "surgery_iterations")
+    assert data["iterations"] == {"surgery": 4, "surgeryv2": 2} and data["rank"] == 4
+    assert [p["iteration"] for p in data["curves"]["surgery"]] == [0, 2, 4]
+    assert [p["iteration"] for p in data["curves"]["surgeryv2"]] == [0, 2]
+    for curve in data["curves"].values():
+        assert curve[0] == {**data["reference"]["task_arithmetic"], "iteration": 0, "loss": None}
+        for point in curve:
+            _check_row(point)
+    assert data["modes"]["surgeryv2"]["seconds_per_iteration"] > 0
+    assert data["comparison"]["surgeryv2_iteration"] == 2
+    out = capsys.readouterr().out
+    assert "SurgeryV2 avg" in out and "SurgeryV2 at 2 it" in out
+
+
+def test_rank_sweep(tiny_config, tmp_path, cache):
+    assert (
+        _run(rank_sweep, tiny_config, tmp_path, cache, "--ranks", "2,4", "--iterations", "2") == 0
+    )
+    data = _result(tmp_path, "rank_sweep")
+    assert data["rank"] == [2, 4] and data["iterations"] == 2
+    assert [(r["rank"], r["mode"]) for r in data["rows"]] == [
+        (2, "surgery"),
+        (2, "surgeryv2"),
+        (4, "surgery"),
+        (4, "surgeryv2"),
+    ]
+    for r in data["rows"]:
+        _check_row(r)
+    params = {(r["rank"], r["mode"]): r["adapter_params_per_task"] for r in data["rows"]}
+    assert params[(2, "surgery")] == 2 * 2 * 32  # down + up of the final adapter, width 32
+    assert params[(4, "surgeryv2")] == 3 * 2 * 4 * 32  # 2 blocks + final
+    assert params[(4, "surgeryv2")] == 2 * params[(2, "surgeryv2")]
+
+
+def test_unlabeled_fraction(tiny_config, tmp_path, cache):
+    code = _run(
+        unlabeled_fraction,
+        tiny_config,
+        tmp_path,
+        cache,
+        *("--fractions", "0.25,1.0", "--iterations", "2"),
+    )
+    assert code == 0
+    data = _result(tmp_path, "unlabeled_fraction")
+    assert data["fractions"] == [0.25, 1.0] and data["mode"] == "surgeryv2"
+    assert [r["fraction"] for r in data["rows"]] == [0.25, 1.0]
+    assert [r["unlabeled_rows"] for r in data["rows"]] == [
+        {"animals": 6, "colours": 6},
+        {"animals": 24, "colours": 24},
+    ]
+    for r in data["rows"]:
+        _check_row(r)
+
+
+def test_wild_data(tiny_config, tmp_path, cache):
+    wild = tmp_path / "wild.jsonl"
+    wild.write_text("".join(json.dumps({"text": f"a note number {i}"}) + "\n" for i in range(30)))
+    code = _run(
+        wild_data,
+        tiny_config,
+        tmp_path,
+        cache,
+        *("--sources", "animals", "--wild", str(wild), "--wild-limit", "20", "--iterations", "2"),
+    )
+    assert code == 0
+    data = _result(tmp_path, "wild_data")
+    assert [(r["source"], r["kind"], r["in_domain_for"]) for r in data["rows"]] == [
+        ("test", "own", None),
+        ("task:animals", "task", "animals"),
+        ("wild:wild", "wild", None),
+    ]
+    assert data["rows"][1]["unlabeled_rows"] == {"animals": 20, "colours": 20}
+    assert data["rows"][2]["unlabeled_rows"] == {"animals": 20, "colours": 20}
+    for r in data["rows"]:
+        _check_row(r)
+
+
+@pytest.mark.parametrize(
+    "module, extra, message",
+    [
+        (surgery_iterations, ["--checkpoints", "0,-5"], "--checkpoints expects iteration counts"),
+        (rank_sweep, ["--ranks", "4,64"], "rank 64 does not fit the backbone width 32"),
+        (unlabeled_fraction, ["--fractions", "0.5,1.5"], "--fractions must lie in (0, 1]"),
+        (wild_data, ["--sources", "animals,planets"], "--sources: no task named 'planets'"),
+        (wild_data, ["--wild", "{data}/nowhere.jsonl"], "nowhere.jsonl does not exist"),
+    ],
+)
+def test_bad_input_is_one_line(module, extra, message, tiny_config, tmp_path, cache, capsys):
+    assert _run(module, tiny_config, tmp_path, cache, *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "res").exists()
+
+
+def test_unknown_config_is_one_line(tmp_path, capsys):
+    assert surgery_iterations.main(["--config", "no-such-config", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config 'no-such-config'" in err and "Traceback" not in err
