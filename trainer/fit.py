@@ -108,6 +108,7 @@ class Prepared:
     individual: dict
     pretrain: dict | None
     timing: dict = field(default_factory=dict)
+    _frozen: dict = field(default_factory=dict)  # Surgery: merged features per state and pool
     _clock: float = field(default_factory=time.perf_counter)
 
     def lap(self, stage: str) -> None:
@@ -150,17 +151,32 @@ class Prepared:
 
     def surgery(self, model, unlabeled=None, targets=None, callback=None, **overrides):
         """Train ``model``'s adapters (config.surgery values unless overridden)."""
-        from .surgery import train_surgery
+        from .surgery import representations, train_surgery
+        from .utils import state_fingerprint
 
         sc = self.config.surgery
         kwargs = {k: getattr(sc, k) for k in ("iterations", "batch_size", "lr", "loss", "seed")}
         kwargs.update(overrides)
+        pool = self.unlabeled if unlabeled is None else unlabeled
+        frozen = None
+        if model.mode == "surgery":  # the frozen merged backbone's output: once per state+pool
+            key = (state_fingerprint(model.backbone.state_dict()), id(pool))
+            if key not in self._frozen:
+                feats = [
+                    representations(
+                        model.backbone, p, 64, self.device, f"merged features {n}"
+                    ).final
+                    for p, n in zip(pool, self.names)
+                ]
+                self._frozen[key] = (pool, feats)  # holding pool keeps its id() unique
+            frozen = self._frozen[key][1]
         return train_surgery(
             model,
-            self.unlabeled if unlabeled is None else unlabeled,
+            pool,
             self.train_targets if targets is None else targets,
             device=self.device,
             callback=callback,
+            frozen_final=frozen,
             **kwargs,
         )
 

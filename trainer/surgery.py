@@ -103,13 +103,15 @@ def train_surgery(
     device: torch.device = torch.device("cpu"),
     seed: int = 0,
     callback=None,
+    frozen_final: list[torch.Tensor] | None = None,
 ) -> SurgeryResult:
     """Train ``model``'s adapters so each task's representations match its expert's.
 
     ``unlabeled[t]`` holds task t's inputs only (no labels exist here); ``targets[t]`` the
     expert's representations of exactly those inputs, row for row. ``callback(i, model)``,
     if given, runs after step i (1-based), e.g. to evaluate along the way; its time is not
-    counted in ``seconds_per_iteration``.
+    counted in ``seconds_per_iteration``. ``frozen_final`` (Surgery only): the merged
+    backbone's final representations of ``unlabeled``, when the caller already has them.
     """
     import time
 
@@ -125,8 +127,9 @@ def train_surgery(
     num_tasks = len(unlabeled)
     # v1 adapts only the final representation: the frozen backbone's output is a constant,
     # so compute it once instead of every iteration (same maths, a fraction of the time).
-    frozen_final = None
-    if model.mode == "surgery":
+    if model.mode != "surgery":
+        frozen_final = None
+    elif frozen_final is None:
         frozen_final = [
             representations(
                 model.backbone, unlabeled[t], 64, device, f"merged features {model.task_names[t]}"
