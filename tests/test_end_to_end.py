@@ -14,8 +14,9 @@ from tests.conftest import REPO
 
 
 def _run(*args, timeout=900):
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -23,19 +24,45 @@ def _run(*args, timeout=900):
 @pytest.mark.slow
 def test_demo_fit_export_serve(tmp_path):
     out = tmp_path / "demo"
-    stdout = _run("-m", "trainer.fit", "--out", str(out), "--cache", str(tmp_path / "cache"),
-                  "--set", "finetune.steps=30", "--set", "surgery.iterations=10",
-                  "--set", "merge.adamerging.iterations=3")
+    stdout = _run(
+        "-m",
+        "trainer.fit",
+        "--out",
+        str(out),
+        "--cache",
+        str(tmp_path / "cache"),
+        "--set",
+        "finetune.steps=30",
+        "--set",
+        "surgery.iterations=10",
+        "--set",
+        "merge.adamerging.iterations=3",
+    )
     assert "task_arithmetic w/ SurgeryV2" in stdout
     results = json.loads((out / "results.json").read_text())
     assert {r["method"] for r in results["rows"]} >= {"individual", "task_arithmetic", "adamerging"}
-    _run("-m", "export.onnx", "--tasks", "all", "--bundle", str(out / "bundle"),
-         "--out", str(out / "onnx"), "--per-task")
+    _run(
+        "-m",
+        "export.onnx",
+        "--tasks",
+        "all",
+        "--bundle",
+        str(out / "bundle"),
+        "--out",
+        str(out / "onnx"),
+        "--per-task",
+    )
     manifest = json.loads((out / "onnx" / "manifest.json").read_text())
     assert manifest["parity"]["top1_agreement"] == 1.0
     assert manifest["parity"]["max_abs_logit_diff"] <= 1e-4
-    served = _run("-m", "runtime.demo", "--model", str(out / "onnx"),
-                  "--text", "the eagle rested happily on the ridge at dawn.")
+    served = _run(
+        "-m",
+        "runtime.demo",
+        "--model",
+        str(out / "onnx"),
+        "--text",
+        "the eagle rested happily on the ridge at dawn.",
+    )
     assert "Predict(task='*')" in served and "exited with code 0" in served
     for task in ("creature", "place", "time", "feeling"):
         assert f"Predict(task='{task}')" in served

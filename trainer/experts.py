@@ -36,6 +36,10 @@ from .utils import fingerprint, progress, sha256_file, to_device, write_json_ato
 log = logging.getLogger("deepsurgery")
 StateDict = dict[str, torch.Tensor]
 CACHE_VERSION = 1
+# Heads on L2-normalised features (CLIP-style backbones) are trained with CLIP's logit scale
+# and stored with it folded in (W <- s·W, b <- s·b): without it a linear head on unit vectors
+# cannot reach confident logits in a few hundred steps and the experts stay badly undertrained.
+HEAD_SCALE = 100.0
 
 
 @dataclass
@@ -160,9 +164,11 @@ def train_classifier(
     """Full fine-tuning of a copy of ``base`` with one fresh linear head per task.
 
     Every step takes ``cfg.batch_size`` training rows of EVERY task and minimises the mean of
-    the tasks' cross-entropies (one task: plain fine-tuning).
+    the tasks' cross-entropies (one task: plain fine-tuning). With ``normalize_head`` the
+    logits are ``HEAD_SCALE · head(f / |f|)`` and the stored head has the scale folded in.
     """
     torch.manual_seed(cfg.seed)
+    scale = HEAD_SCALE if normalize_head else 1.0
     model = copy.deepcopy(base).to(device).train()
     for p in model.parameters():
         p.requires_grad_(True)
@@ -203,10 +209,11 @@ def train_classifier(
             if augment and "pixel_values" in collated:
                 collated["pixel_values"] = augment_images(collated["pixel_values"], generator)
             features = model(to_device(collated, device))
-            if normalize_head:
-                features = F.normalize(features, dim=-1)
+            logits = (
+                head(F.normalize(features, dim=-1)) * scale if normalize_head else head(features)
+            )
             labels = torch.as_tensor(split.labels, device=device)
-            loss = loss + F.cross_entropy(head(features), labels) / len(tasks)
+            loss = loss + F.cross_entropy(logits, labels) / len(tasks)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(heads.parameters()), 1.0)
@@ -217,7 +224,7 @@ def train_classifier(
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return Trained(
         state,
-        [(h.weight.detach().cpu().clone(), h.bias.detach().cpu().clone()) for h in heads],
+        [(scale * h.weight.detach().cpu(), scale * h.bias.detach().cpu()) for h in heads],
         "fine-tuned",
     )
 
@@ -269,7 +276,10 @@ def get_expert(
     """The task's expert from its checkpoint, the cache, or by fine-tuning (then cached)."""
     if checkpoint:
         return load_checkpoint(Path(checkpoint), task, base_state)
-    key = fingerprint(CACHE_VERSION, key_parts, task.fingerprint, cfg.__dict__)
+    head = {"head_scale": HEAD_SCALE} if normalize_head else {}  # unnormalised: keys unchanged
+    key = fingerprint(
+        CACHE_VERSION, key_parts, task.fingerprint, cfg.__dict__, *([head] if head else [])
+    )
     trained = cached_training(
         "experts",
         task.name,

@@ -268,6 +268,7 @@ def prepare(config: Config, data_root: Path, cache: Path, device: torch.device) 
         log.info("expert %-12s %s", task.name, expert.source)
         experts.append(expert)
     timing["experts"] = round(time.perf_counter() - clock, 2)
+    clock = time.perf_counter()
     heads = Heads(
         [e.head_weight for e in experts],
         [e.head_bias for e in experts],
@@ -310,6 +311,7 @@ def prepare(config: Config, data_root: Path, cache: Path, device: torch.device) 
         individual,
         pretrain,
         timing,
+        _clock=clock,
     )
     prepared.lap("targets")
     return prepared
@@ -317,7 +319,7 @@ def prepare(config: Config, data_root: Path, cache: Path, device: torch.device) 
 
 def multitask_row(prep: Prepared, cache: Path) -> dict:
     """The "Traditional MTL" reference: one backbone + heads trained on all tasks jointly."""
-    from .experts import CACHE_VERSION, cached_training, train_classifier
+    from .experts import CACHE_VERSION, HEAD_SCALE, cached_training, train_classifier
     from .model import Heads, MultiTaskModel
     from .report import results_row
     from .utils import fingerprint, state_fingerprint
@@ -336,6 +338,7 @@ def multitask_row(prep: Prepared, cache: Path) -> dict:
         state_fingerprint(prep.base_state),
         [t.fingerprint for t in prep.tasks],
         cfg.__dict__,
+        HEAD_SCALE if base.normalize_head else None,
     )
     trained = cached_training(
         "multitask",
