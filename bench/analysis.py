@@ -22,6 +22,7 @@ import torch
 
 from bench.common import RESULTS, write_result
 from trainer.errors import UserError, run_cli
+from trainer.report import save_plot
 
 METHOD = "task_arithmetic"  # the merge every analysis repairs, as in the paper's figures
 MODE_LABELS = {"none": "no surgery", "surgery": "Surgery", "surgeryv2": "SurgeryV2"}
@@ -277,21 +278,3 @@ def subset(n: int, keep: int, seed: int) -> np.ndarray:
     if keep >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, keep, replace=False))
-
-
-def save_plot(path: Path, draw: Callable) -> None:
-    """One matplotlib (Agg) figure, written to a temporary name then renamed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    draw(ax)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)

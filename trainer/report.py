@@ -37,27 +37,38 @@ def write_results(path: Path, results: dict) -> None:
     write_json_atomic(path, results)
 
 
-def plot_bias(path: Path, bias: dict[str, list[float]], title: str) -> None:
-    """Representation bias per block for each method/surgery row (the paper's Fig. 10)."""
-    if not bias:
-        return
+def save_plot(path: Path, draw) -> None:
+    """One matplotlib (Agg) figure filled by ``draw(ax)``, written to a temporary name then
+    renamed (the trainer's bias plot and the bench analyses)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for label, values in bias.items():
-        style = {"none": "-", "surgery": "--", "surgeryv2": ":"}[label.split("/")[1]]
-        ax.plot(range(1, len(values) + 1), values, style, marker="o", label=label)
-    blocks = len(next(iter(bias.values())))
-    ax.set_xticks(range(1, blocks + 1), [*map(str, range(1, blocks)), "final"])
-    ax.set_xlabel("block")
-    ax.set_ylabel("representation bias (mean L1 to the expert)")
-    ax.set_title(f"{title}: representation bias per block")
+    draw(ax)
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
+
+
+def plot_bias(path: Path, bias: dict[str, list[float]], title: str) -> None:
+    """Representation bias per block for each method/surgery row (the paper's Fig. 10)."""
+    if not bias:
+        return
+
+    def draw(ax):
+        for label, values in bias.items():
+            style = {"none": "-", "surgery": "--", "surgeryv2": ":"}[label.split("/")[1]]
+            ax.plot(range(1, len(values) + 1), values, style, marker="o", label=label)
+        blocks = len(next(iter(bias.values())))
+        ax.set_xticks(range(1, blocks + 1), [*map(str, range(1, blocks)), "final"])
+        ax.set_xlabel("block")
+        ax.set_ylabel("representation bias (mean L1 to the expert)")
+        ax.set_title(f"{title}: representation bias per block")
+
+    save_plot(path, draw)

@@ -83,20 +83,13 @@ path = "{data}/two.npz"
     return path
 
 
-def _fit(config, tmp_path):
-    code = main(
-        [
-            "--config",
-            str(config),
-            "--data",
-            str(tmp_path / "data"),
-            "--out",
-            str(tmp_path / "out"),
-            "--cache",
-            str(tmp_path / "cache"),
-        ]
-    )
-    assert code == 0
+def _main(config, tmp_path, *extra) -> int:
+    folders = ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")]
+    return main(["--config", str(config), *folders, "--cache", str(tmp_path / "cache"), *extra])
+
+
+def _fit(config, tmp_path, *extra):
+    assert _main(config, tmp_path, *extra) == 0
     return json.loads((tmp_path / "out" / "results.json").read_text())
 
 
@@ -147,28 +140,9 @@ def test_corrupt_or_foreign_pretrain_cache_is_rebuilt(vision_config, tmp_path, c
 
 def test_pretraining_moves_the_base_and_learns(vision_config, tmp_path):
     """More steps on a learnable corpus: well above chance (1/3) on its test split."""
-    code = main(
-        [
-            "--config",
-            str(vision_config),
-            "--data",
-            str(tmp_path / "data"),
-            "--out",
-            str(tmp_path / "out"),
-            "--cache",
-            str(tmp_path / "cache"),
-            "--set",
-            "pretrain.steps=40",
-            "--set",
-            "merge.methods=[]",
-            "--set",
-            'surgery.modes=["none"]',
-            "--set",
-            "multitask.enabled=false",
-        ]
-    )
-    assert code == 0
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    overrides = ["pretrain.steps=40", "merge.methods=[]", 'surgery.modes=["none"]']
+    overrides.append("multitask.enabled=false")
+    results = _fit(vision_config, tmp_path, *(x for o in overrides for x in ("--set", o)))
     assert results["pretrain"]["test_accuracy"] > 0.6
 
 
@@ -215,20 +189,7 @@ def test_bad_pretrain_and_multitask_keys(vision_config, override, message):
 
 
 def test_missing_pretrain_corpus_is_one_line_error(vision_config, tmp_path, capsys):
-    code = main(
-        [
-            "--config",
-            str(vision_config),
-            "--data",
-            str(tmp_path / "data"),
-            "--out",
-            str(tmp_path / "out"),
-            "--cache",
-            str(tmp_path / "cache"),
-            "--set",
-            "pretrain.path={data}/nope.npz",
-        ]
-    )
+    code = _main(vision_config, tmp_path, "--set", "pretrain.path={data}/nope.npz")
     assert code == 2
     err = capsys.readouterr().err
     assert "nope.npz" in err and "Traceback" not in err
