@@ -1,7 +1,7 @@
 """Plumbing shared by the paper's analyses (``bench.surgery_iterations``, ``bench.rank_sweep``,
 ``bench.unlabeled_fraction``, ``bench.wild_data``).
 
-Each analysis builds the trainer's ``Prepared`` once (tasks, cached experts, heads and the
+Each analysis builds the trainer's ``Experiment`` once (tasks, cached experts, heads and the
 experts' representations), merges with task arithmetic, then varies one thing about surgery.
 Every evaluation in a run scores the same seeded subset of ``--eval-limit`` test rows per task,
 the reference rows (task arithmetic without surgery, the individual experts) included, so all
@@ -18,11 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from bench.common import RESULTS, write_result
+from trainer.backbones import build_backbone
+from trainer.config import load_config as load_trainer_config
 from trainer.errors import UserError, run_cli
-from trainer.report import save_plot
+from trainer.pipeline import prepare, resolve_device
+from trainer.progress import quiet_libraries
+from trainer.results.report import save_plot
 
 METHOD = "task_arithmetic"  # the merge every analysis repairs, as in the paper's figures
 MODE_LABELS = {"none": "no surgery", "surgery": "Surgery", "surgeryv2": "SurgeryV2"}
@@ -78,11 +81,9 @@ def parser(prog: str, doc: str, iterations: bool = True) -> argparse.ArgumentPar
 
 def run_main(p: argparse.ArgumentParser, run: Callable[[argparse.Namespace], dict], argv) -> int:
     """Parse, quieten the libraries, run; a ``UserError`` is one line and exit code 2."""
-    from trainer.fit import _quiet_libraries
-
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    _quiet_libraries()
+    quiet_libraries()
     return run_cli(lambda: run(args))[0]
 
 
@@ -100,9 +101,7 @@ def parse_list(text: str, kind: type, flag: str) -> list:
 def load_config(args: argparse.Namespace):
     """The config with every surgery mode on, so ``prepare`` computes the unlabeled inputs
     and the experts' targets whatever the config's own rows were."""
-    from trainer.config import load_config as load
-
-    config = load(args.config, args.set)
+    config = load_trainer_config(args.config, args.set)
     config.surgery.modes = ["none", "surgery", "surgeryv2"]
     if args.eval_limit < 0:
         raise UserError(f"--eval-limit must be >= 0 (0 = full test split), got {args.eval_limit}")
@@ -122,8 +121,6 @@ def data_root(args: argparse.Namespace) -> Path:
 
 def check_ranks(config, ranks: list[int], flag: str = "--ranks") -> None:
     """Every rank must fit the backbone (checked before any expert is built or loaded)."""
-    from trainer.backbones import build_backbone
-
     base = build_backbone(config.backbone)
     width = min(base.width, base.feature_dim)
     for rank in ranks:
@@ -138,15 +135,12 @@ class Analysis:
     """One analysis run: the prepared experts, the eval subset, the references, the outputs."""
 
     def __init__(self, name: str, args: argparse.Namespace, config):
-        from trainer.fit import prepare
-        from trainer.utils import resolve_device
-
         self.name, self.args, self.config = name, args, config
         self.started = time.perf_counter()
         self.device = resolve_device(args.device)
         cache = Path(args.cache or os.environ.get("DEEPSURGERY_CACHE") or "runs/cache")
         self.out = Path(args.out)
-        self.prep = prepare(config, data_root(args), cache, self.device)
+        self.prep = prepare(config, data_root=data_root(args), cache=cache, device=self.device)
         self.names = self.prep.names
         self.eval_rows = self._eval_rows(args.eval_limit)
         self.merged_state, self.hparams = self.prep.merged(METHOD)
@@ -170,18 +164,7 @@ class Analysis:
 
     def _individual(self) -> dict:
         """The experts' accuracy on the eval subset, from their cached representations."""
-        from trainer.evaluate import accuracy_from_features
-
-        if self.eval_rows is None:
-            return row(self.prep.individual)
-        acc = {}
-        for i, task in enumerate(self.prep.tasks):
-            index = self.eval_rows[i]
-            final = self.prep.test_targets[i].final[torch.as_tensor(index)]
-            acc[task.name] = accuracy_from_features(
-                self.prep.plain, i, final, task.test.labels[index], self.device
-            )
-        return row(acc)
+        return row(self.prep.individual_accuracy(self.eval_rows))
 
     def score(self, model, label: str) -> dict:
         """``{"acc": {task: accuracy}, "avg": mean}`` on the eval subset."""
@@ -190,7 +173,7 @@ class Analysis:
 
     def surgery(self, mode: str, rank: int | None = None, **kwargs):
         """A fresh model on the merged backbone with ``mode`` adapters, trained; -> (model,
-        SurgeryResult). ``kwargs`` go to ``Prepared.surgery`` (unlabeled, targets, callback,
+        SurgeryResult). ``kwargs`` go to ``Experiment.surgery`` (unlabeled, targets, callback,
         iterations, ...); iterations default to ``--iterations`` or the config's."""
         model = self.prep.model(self.merged_state, mode, rank)
         kwargs.setdefault("iterations", self.iterations)
@@ -199,25 +182,7 @@ class Analysis:
     def expert_targets(self, pool: list, desc: str, skip: dict | None = None) -> list:
         """Every expert's representations (``Targets``) of the same inputs ``pool``;
         ``skip[t]`` supplies task t's ready-made targets instead of recomputing them."""
-        from trainer.surgery import representations
-
-        out = []
-        backbone = self.prep.plain.backbone
-        for t, expert in enumerate(self.prep.experts):
-            if skip and t in skip:
-                out.append(skip[t])
-                continue
-            backbone.load_state_dict(expert.state)
-            out.append(
-                representations(
-                    backbone,
-                    pool,
-                    self.config.eval.batch_size,
-                    self.device,
-                    f"{desc} expert {self.names[t]}",
-                )
-            )
-        return out
+        return self.prep.expert_targets([pool] * len(self.names), desc, skip)
 
     def result(self, **fields) -> dict:
         """The JSON fields every analysis records, then its own ``fields``."""

@@ -25,8 +25,10 @@ from safetensors.torch import load_file, save_file
 
 from bench.common import print_table, write_result
 from trainer.backbones import HFTextBackbone, resolve_model_dir
-from trainer.model import Heads, MultiTaskModel
-from trainer.surgery import Targets, representations, surgery_loss
+from trainer.data.demo import generate
+from trainer.surgery.features import Targets, representations
+from trainer.surgery.model import Heads, MultiTaskModel
+from trainer.surgery.train import surgery_loss
 
 TASKS = ("agnews", "amazon", "yelp", "dbpedia")
 
@@ -46,8 +48,6 @@ def _texts(n: int) -> list[list[str]]:
             lines = (root / task / "test.jsonl").read_text().splitlines()[:n]
             out.append([json.loads(x)["text"] for x in lines])
         return out
-    from trainer.demo import generate
-
     folder = generate(Path(tempfile.mkdtemp()), train=1, test=n)
     return [
         [json.loads(x)["text"] for x in (folder / t / "test.jsonl").read_text().splitlines()]

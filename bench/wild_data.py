@@ -33,7 +33,8 @@ from bench.analysis import (
     subset,
 )
 from bench.common import print_table
-from trainer.data import resolve_path
+from trainer.data.tasks import resolve_path
+from trainer.data.unlabeled import read_wild
 from trainer.errors import UserError
 
 NAME = "wild_data"
@@ -65,8 +66,6 @@ def main(argv=None) -> int:
 
 def read_wild_pools(args, config) -> dict[str, list]:
     """``wild:<stem>`` -> its inputs, every path checked (and the modality) before any work."""
-    from trainer.tasks import read_wild
-
     pools = {}
     for text in args.wild:
         path = resolve_path(text, data_root(args))

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from trainer.errors import UserError
-from trainer.model import MultiTaskModel
+from trainer.surgery.model import MultiTaskModel
 
 DEFAULT_OPSET = 18
 

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from trainer.errors import UserError, run_cli
-from trainer.model import PAD_LOGIT, Heads, MultiTaskModel
-from trainer.utils import atomic_directory, sha256_file
+from trainer.surgery.model import PAD_LOGIT, Heads, MultiTaskModel
+from modeldir import atomic_directory, sha256_file
 
 from .graph import (
     DEFAULT_OPSET,
@@ -149,7 +149,7 @@ def _graph_file(name: str, index: int) -> str:
 
 
 def _load(bundle: Path | None):
-    from trainer.bundle import load_bundle
+    from trainer.results.bundle import load_bundle
 
     bundle = Path(bundle) if bundle is not None else latest_bundle()
     try:

@@ -2,20 +2,23 @@
 
 A config is a TOML file (or the name of one shipped in ``trainer/configs``). Every section maps
 to one dataclass below; an unknown key is an error that lists the valid ones (mergekit-style:
-fail before work, not halfway through).
+fail before work, not halfway through). ``[merge.<method>]`` tables are checked against the
+parameters each merge method declares in the registry.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from .errors import UserError
+from .merging import METHODS, get_method
+from .surgery.model import SURGERY_MODES
+from .surgery.train import LOSSES
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -86,11 +89,15 @@ class MultitaskConfig:
 
 @dataclass
 class MergeConfig:
+    """``methods`` to run, in order; ``[merge.<method>]`` tables (or inline tables under
+    ``[merge]``) give a method's parameters. ``params`` holds every listed method's full
+    parameters after validation (the declared defaults filled in)."""
+
     methods: list = field(default_factory=lambda: ["task_arithmetic"])
-    task_arithmetic: dict = field(default_factory=dict)  # {"lam": 0.3}
-    ties_merging: dict = field(default_factory=dict)  # {"k": 20, "lam": 0.3}
-    weight_averaging: dict = field(default_factory=dict)
-    adamerging: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)  # method -> {parameter: value}
+
+    def hparams(self, method: str) -> dict:
+        return dict(self.params.get(method, {}))
 
 
 @dataclass
@@ -150,7 +157,9 @@ def _build(cls, data: Any, where: str):
             raise UserError(f"unknown config key '{name}'; valid keys of {section}: {valid}")
         f = fields[key]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
+        if isinstance(default, MergeConfig):
+            value = _build_merge(value)
+        elif dataclasses.is_dataclass(default):
             value = _build(type(default), value, key if where == "config" else f"{where}.{key}")
         elif key == "tasks":
             if not isinstance(value, list):
@@ -160,6 +169,35 @@ def _build(cls, data: Any, where: str):
             value = _coerce(value, default, f"{where}.{key}")
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def _build_merge(data: Any) -> MergeConfig:
+    """``[merge]``: ``methods`` plus one table per registered method (checked in validate)."""
+    if not isinstance(data, dict):
+        raise UserError(f"config section [merge] must be a table, got {type(data).__name__}")
+    methods = data.get("methods", MergeConfig().methods)
+    if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
+        raise UserError(f"config key 'merge.methods' must be an array of names, got {methods!r}")
+    tables = {}
+    for key, value in data.items():
+        if key == "methods":
+            continue
+        if key not in METHODS:
+            raise UserError(
+                f"unknown config key 'merge.{key}'; valid: methods, or a merge method's table "
+                f"[merge.<method>] with <method> one of {', '.join(sorted(METHODS))}"
+            )
+        if not isinstance(value, dict):
+            raise UserError(f"config key 'merge.{key}' must be a table, got {value!r}")
+        tables[key] = value
+    # every table is checked now, including those of methods this run does not list
+    params = {
+        name: get_method(name).hparams(table, f"merge.{name}") for name, table in tables.items()
+    }
+    for method in methods:
+        if method not in params:
+            params[method] = get_method(method).hparams({}, f"merge.{method}")
+    return MergeConfig(list(methods), params)
 
 
 def _coerce(value: Any, default: Any, where: str) -> Any:
@@ -238,8 +276,6 @@ def load_config(name_or_path: str = "demo", overrides: list[str] | None = None) 
 
 def validate(config: Config) -> None:
     """Semantic checks that need no data (types were checked while building)."""
-    from .merging import MERGE_METHODS  # local: merging imports torch
-
     if config.backbone.kind not in ("hf_text", "open_clip_vit"):
         raise UserError(
             f"backbone.kind '{config.backbone.kind}' is unknown; use hf_text or open_clip_vit"
@@ -262,20 +298,7 @@ def validate(config: Config) -> None:
     if dup:
         raise UserError(f"task names must be unique; repeated: {', '.join(sorted(dup))}")
     for method in config.merge.methods:
-        if method not in MERGE_METHODS:
-            valid = ", ".join(sorted(MERGE_METHODS))
-            raise UserError(f"unknown merge method '{method}'; valid: {valid}")
-    import inspect
-
-    for method in ("weight_averaging", "task_arithmetic", "ties_merging", "adamerging"):
-        params = inspect.signature(MERGE_METHODS[method]).parameters
-        valid = [n for n in params if n not in ("base", "experts", "context")]
-        for key in getattr(config.merge, method):
-            if key not in valid:
-                raise UserError(
-                    f"unknown config key 'merge.{method}.{key}'; valid: "
-                    f"{', '.join(valid) or '(none)'}"
-                )
+        get_method(method)  # an unknown name fails here, listing the registered ones
     if config.finetune.steps < 1 or config.finetune.batch_size < 1:
         raise UserError("finetune.steps and finetune.batch_size must be >= 1")
     pre = config.pretrain
@@ -283,9 +306,6 @@ def validate(config: Config) -> None:
         raise UserError("pretrain.steps and pretrain.batch_size must be >= 1 and pretrain.lr > 0")
     if config.multitask.steps < 0 or config.multitask.lr < 0:
         raise UserError("multitask.steps and multitask.lr must be >= 0 (0 = the finetune value)")
-    from .model import SURGERY_MODES
-    from .surgery import LOSSES
-
     sc = config.surgery
     for mode in sc.modes:
         if mode not in SURGERY_MODES:
@@ -308,3 +328,23 @@ def validate(config: Config) -> None:
         )
     if config.eval.batch_size < 1:
         raise UserError("eval.batch_size must be >= 1")
+    _validate_bundle_choice(config)
+
+
+def _validate_bundle_choice(config: Config) -> None:
+    """``output.bundle``: "best" or a "<method>/<surgery>" row this config actually runs."""
+    choice = config.output.bundle
+    if choice == "best":
+        return
+    surgered = config.surgery.methods or config.merge.methods
+    rows = [
+        f"{m}/{mode}"
+        for m in config.merge.methods
+        for mode in config.surgery.modes
+        if mode == "none" or m in surgered
+    ]
+    if choice not in rows:
+        raise UserError(
+            f"output.bundle '{choice}' is not a row this config runs; use 'best' or one of: "
+            f"{', '.join(rows) or '(none: merge.methods is empty)'}"
+        )

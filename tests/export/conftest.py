@@ -18,7 +18,7 @@ TINY_VIT = {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_w
 def build_model(kind: str, mode: str, bert_dir: Path, seed: int = 0):
     """A MultiTaskModel on a tiny backbone with random heads and adapters (seeded)."""
     from trainer.backbones import HFTextBackbone, OpenClipViTBackbone
-    from trainer.model import Heads, MultiTaskModel
+    from trainer.surgery.model import Heads, MultiTaskModel
 
     if kind == "text":
         backbone = HFTextBackbone(bert_dir, max_length=16)
@@ -43,7 +43,7 @@ def build_model(kind: str, mode: str, bert_dir: Path, seed: int = 0):
 @pytest.fixture(scope="session")
 def make_bundle(tmp_path_factory, tiny_bert_dir):
     """make_bundle(kind, mode) -> a read-only bundle dir at <tmp>/runs/<kind>-<mode>/bundle."""
-    from trainer.bundle import write_bundle
+    from trainer.results.bundle import write_bundle
 
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("export-runs")

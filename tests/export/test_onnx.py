@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from export import onnx as export_onnx
-from trainer.bundle import load_bundle
-from trainer.utils import sha256_file
+from trainer.results.bundle import load_bundle
+from modeldir import sha256_file
 
 CPU = ["CPUExecutionProvider"]
 

@@ -7,7 +7,7 @@ import torch
 from trainer.adamerging import MergeContext, _merged, adamerging
 from trainer.backbones import HFTextBackbone
 from trainer.merging import merge, mergeable, task_vectors
-from trainer.model import Heads
+from trainer.surgery.model import Heads
 
 TEXTS = [[f"first task text {i}" for i in range(8)], [f"second task row {i}" for i in range(8)]]
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import SHARED_DATA, write_text_task
-from trainer.data import load_task
+from trainer.data.tasks import load_task
 from trainer.errors import UserError
 
 

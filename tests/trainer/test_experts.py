@@ -7,7 +7,7 @@ import torch
 
 from trainer.backbones import HFTextBackbone
 from trainer.config import FinetuneConfig
-from trainer.data import load_task
+from trainer.data.tasks import load_task
 from trainer.errors import UserError
 from trainer.experts import check_compatible, get_expert
 

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import REPO
-from trainer.bundle import load_bundle
+from trainer.results.bundle import load_bundle
 from trainer.fit import main
-from trainer.utils import sha256_file
+from modeldir import sha256_file
 
 
 def _run(config, tmp_path, *extra):

@@ -3,7 +3,8 @@
 import torch
 
 from trainer.backbones import HFTextBackbone
-from trainer.model import PAD_LOGIT, Adapters, Heads, MultiTaskModel
+from trainer.surgery.adapters import Adapters
+from trainer.surgery.model import PAD_LOGIT, Heads, MultiTaskModel
 
 
 def _model(tiny_bert_dir, mode, rank=4):

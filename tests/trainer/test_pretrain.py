@@ -159,7 +159,7 @@ def test_augment_images_is_seeded_and_shape_preserving():
 def test_train_classifier_gives_one_head_per_task(tmp_path):
     from trainer.backbones import OpenClipViTBackbone
     from trainer.config import FinetuneConfig
-    from trainer.data import load_task
+    from trainer.data.tasks import load_task
 
     _colour_npz(tmp_path / "a.npz", ["r", "g", "b"], 16, 8, 0)
     _colour_npz(tmp_path / "b.npz", ["r", "g", "b", "x", "y"], 16, 8, 1)

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from trainer.backbones import HFTextBackbone
-from trainer.data import Split
-from trainer.evaluate import evaluate_task
-from trainer.model import Heads, MultiTaskModel
-from trainer.surgery import Targets, representations, surgery_loss, train_surgery
+from trainer.data.tasks import Split
+from trainer.results.evaluate import evaluate_task
+from trainer.surgery.model import Heads, MultiTaskModel
+from trainer.surgery.features import Targets, representations
+from trainer.surgery.train import surgery_loss, train_surgery
 
 TEXTS = [
     [f"task zero sentence number {i} about cats" for i in range(12)],

@@ -3,9 +3,9 @@
 import pytest
 
 from trainer.config import load_config
-from trainer.data import load_task
+from trainer.data.tasks import load_task
 from trainer.errors import UserError
-from trainer.tasks import unlabeled_inputs
+from trainer.data.unlabeled import unlabeled_inputs
 
 
 @pytest.fixture

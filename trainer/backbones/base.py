@@ -6,8 +6,13 @@ so a per-block adapter can be inserted after any of them without knowing the arc
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+# after_block(index, hidden [B, N, width]) -> hidden: what runs between block l and l + 1
+AfterBlock = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 class Backbone(nn.Module):
@@ -15,7 +20,7 @@ class Backbone(nn.Module):
     num_blocks: int
     width: int  # width of the block outputs [B, N, width]
     feature_dim: int  # width of the final representation [B, feature_dim]
-    # CLIP-style heads L2-normalise the feature before their linear layer (PAPER.md)
+    # CLIP-style heads L2-normalise the feature before their linear layer
     normalize_head: bool = False
 
     def embed(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
@@ -29,7 +34,7 @@ class Backbone(nn.Module):
     def token_mean(self, hidden: torch.Tensor, ctx: dict) -> torch.Tensor:
         """Mean over the valid tokens of a block output, [B, N, width] -> [B, width].
 
-        This is the per-block representation surgery aligns (PAPER.md: token-mean, CLS included).
+        This is the per-block representation surgery aligns (the paper: token-mean, CLS included).
         """
         raise NotImplementedError
 
@@ -37,16 +42,37 @@ class Backbone(nn.Module):
         """Last block output -> final representation [B, feature_dim] (what heads read)."""
         raise NotImplementedError
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def run(
+        self,
+        batch: dict[str, torch.Tensor],
+        after_block: AfterBlock | None = None,
+        block_means: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """THE block-wise forward pass: embed, every block (each followed by ``after_block``,
+        e.g. the surgery adapters), pool. -> (final representation [B, feature_dim], the
+        token-mean [B, width] of every block's output when ``block_means``, else [])."""
         hidden, ctx = self.embed(batch)
+        means = []
         for index in range(self.num_blocks):
             hidden = self.block(index, hidden, ctx)
-        return self.pool(hidden, ctx)
+            if after_block is not None:
+                hidden = after_block(index, hidden)
+            if block_means:
+                means.append(self.token_mean(hidden, ctx))
+        return self.pool(hidden, ctx), means
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Input tensors -> final representation [B, feature_dim]."""
+        return self.run(batch)[0]
 
     # ---- data side -------------------------------------------------------------------------
     def collate(self, inputs) -> dict[str, torch.Tensor]:
         """A list of raw inputs (texts, or uint8 images [N, H, W, 3]) -> input tensors."""
         raise NotImplementedError
+
+    def batch(self, inputs, device: torch.device) -> dict[str, torch.Tensor]:
+        """Raw inputs -> input tensors on ``device`` (``collate`` + move)."""
+        return to_device(self.collate(inputs), device)
 
     def spec(self) -> dict:
         """JSON description sufficient to rebuild the architecture (weights go separately)."""
@@ -59,3 +85,14 @@ class Backbone(nn.Module):
     def save_assets(self, directory) -> list[str]:
         """Write the files needed besides the weights (tokenizer, config); return their names."""
         return []
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def length_order(inputs) -> list[int]:
+    """Indices sorted by text length (less padding per batch); images keep their order."""
+    if len(inputs) and isinstance(inputs[0], str):
+        return sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
+    return list(range(len(inputs)))

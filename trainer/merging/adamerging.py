@@ -9,27 +9,12 @@ so gradients reach λ without copying the model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch.func import functional_call
 
-from .backbones import Backbone
-from .merging import StateDict, mergeable, register, task_vectors
-from .model import Heads
-from .utils import progress, to_device
-
-
-@dataclass
-class MergeContext:
-    """What data-driven merge methods need beyond the weights (nothing here is labeled)."""
-
-    backbone: Backbone
-    heads: Heads
-    unlabeled: list  # per task: a list of inputs
-    device: torch.device
-    seed: int = 0
+from ..progress import progress
+from .registry import MergeContext, Param, StateDict, mergeable, register, task_vectors
 
 
 def _merged(
@@ -42,7 +27,16 @@ def _merged(
     }
 
 
-@register("adamerging")
+@register(
+    "adamerging",
+    params=[
+        Param("iterations", int, 100, low=0, help="entropy-minimisation steps"),
+        Param("lr", float, 1e-3, low=0.0, help="Adam learning rate of the coefficients"),
+        Param("batch_size", int, 16, low=1, help="unlabeled inputs per task per step"),
+        Param("init", float, 0.3, low=0.0, high=1.0, help="initial coefficient"),
+    ],
+    needs_data=True,
+)
 def adamerging(
     base: StateDict,
     experts: list[StateDict],
@@ -70,7 +64,7 @@ def adamerging(
         total = 0.0
         for t, inputs in enumerate(context.unlabeled):
             rows = rng.choice(len(inputs), size=min(batch_size, len(inputs)), replace=False)
-            batch = to_device(backbone.collate([inputs[i] for i in rows]), device)
+            batch = backbone.batch([inputs[i] for i in rows], device)
             features = functional_call(backbone, params, (batch,), strict=False)
             task_ids = torch.full((len(rows),), t, dtype=torch.long, device=device)
             logits = heads(features, task_ids)[:, : heads.num_classes[t]]

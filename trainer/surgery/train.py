@@ -1,4 +1,4 @@
-"""Representation surgery (Surgery and SurgeryV2, PAPER.md) trained without labels.
+"""Representation surgery (Surgery and SurgeryV2, arXiv 2410.14389) trained without labels.
 
 The merged backbone, the experts and the heads stay frozen; only the adapters of
 ``MultiTaskModel`` learn, so that for every task t the surgered merged model's per-block
@@ -8,7 +8,7 @@ token-means Ẑ_l(t) and final representation match the expert's:
 
 ``surgeryv2`` sums over all L blocks and the final representation, ``surgery`` uses the final
 representation alone. The expert side needs no gradient: its L + 1 vectors per unlabeled
-example are computed once (``expert_targets``) and reused every iteration.
+example are computed once (``features.representations``) and reused every iteration.
 
 One optimizer step per iteration on the summed loss of a batch of every task: the gradient of
 exactly the stated objective, and no task's adapters drift on another task's Adam momentum
@@ -17,52 +17,20 @@ exactly the stated objective, and no task's adapters drift on another task's Ada
 
 from __future__ import annotations
 
-import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbones import Backbone
+from ..data.sampling import EpochSampler
+from ..progress import progress
+from .features import Targets, final_features
 from .model import MultiTaskModel
-from .utils import length_order, progress, to_device
 
-log = logging.getLogger("deepsurgery")
 LOSSES = ("l1", "mse", "cos")
-
-
-@dataclass
-class Targets:
-    """An expert's representations of some inputs: what surgery aligns to."""
-
-    blocks: torch.Tensor  # [N, L, D] token-mean of every block output
-    final: torch.Tensor  # [N, F] final representation
-
-    def take(self, rows) -> Targets:
-        return Targets(self.blocks[rows], self.final[rows])
-
-
-@torch.no_grad()
-def representations(
-    backbone: Backbone, inputs, batch_size: int, device: torch.device, desc: str = "features"
-) -> Targets:
-    """Per-block token-means and final representation of a plain backbone (no adapters)."""
-    backbone.eval()
-    order = length_order(inputs)
-    blocks = torch.empty(len(order), backbone.num_blocks, backbone.width)
-    final = torch.empty(len(order), backbone.feature_dim)
-    for start in progress(range(0, len(order), batch_size), desc, "batch"):
-        rows = order[start : start + batch_size]
-        batch = to_device(backbone.collate([inputs[i] for i in rows]), device)
-        hidden, ctx = backbone.embed(batch)
-        means = []
-        for index in range(backbone.num_blocks):
-            hidden = backbone.block(index, hidden, ctx)
-            means.append(backbone.token_mean(hidden, ctx))
-        blocks[rows] = torch.stack(means, 1).float().cpu()
-        final[rows] = backbone.pool(hidden, ctx).float().cpu()
-    return Targets(blocks, final)
 
 
 def distance(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
@@ -96,13 +64,14 @@ def train_surgery(
     model: MultiTaskModel,
     unlabeled: list,
     targets: list[Targets],
+    *,
     iterations: int,
     batch_size: int,
     lr: float,
     loss: str = "l1",
     device: torch.device = torch.device("cpu"),
     seed: int = 0,
-    callback=None,
+    callback: Callable[[int, MultiTaskModel], None] | None = None,
     frozen_final: list[torch.Tensor] | None = None,
 ) -> SurgeryResult:
     """Train ``model``'s adapters so each task's representations match its expert's.
@@ -111,10 +80,9 @@ def train_surgery(
     expert's representations of exactly those inputs, row for row. ``callback(i, model)``,
     if given, runs after step i (1-based), e.g. to evaluate along the way; its time is not
     counted in ``seconds_per_iteration``. ``frozen_final`` (Surgery only): the merged
-    backbone's final representations of ``unlabeled``, when the caller already has them.
+    backbone's final representations of ``unlabeled`` (``features.final_features``), when
+    the caller already has them.
     """
-    import time
-
     if model.mode == "none":
         return SurgeryResult([], 0.0)
     for p in model.parameters():
@@ -124,19 +92,11 @@ def train_surgery(
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
     rng = np.random.default_rng(seed)
-    num_tasks = len(unlabeled)
-    # v1 adapts only the final representation: the frozen backbone's output is a constant,
-    # so compute it once instead of every iteration (same maths, a fraction of the time).
     if model.mode != "surgery":
         frozen_final = None
     elif frozen_final is None:
-        frozen_final = [
-            representations(
-                model.backbone, unlabeled[t], 64, device, f"merged features {model.task_names[t]}"
-            ).final
-            for t in range(num_tasks)
-        ]
-    cursors = [(rng.permutation(len(u)), 0) for u in unlabeled]
+        frozen_final = final_features(model.backbone, unlabeled, device, model.task_names)
+    samplers = [EpochSampler(len(pool), batch_size, rng) for pool in unlabeled]
     losses = []
     model.eval()  # no dropout: representations are compared deterministically
     started = time.perf_counter()
@@ -145,21 +105,16 @@ def train_surgery(
     for step in bar:
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for t in range(num_tasks):
-            order, cursor = cursors[t]
-            if cursor + batch_size > len(order):
-                order, cursor = rng.permutation(len(order)), 0
-            rows = order[cursor : cursor + min(batch_size, len(order))]
-            cursors[t] = (order, cursor + len(rows))
-            target = targets[t].take(torch.as_tensor(rows))
-            target = Targets(target.blocks.to(device), target.final.to(device))
+        for t, (pool, sampler) in enumerate(zip(unlabeled, samplers)):
+            rows = sampler.next()
+            target = targets[t].take(torch.as_tensor(rows)).to(device)
             task_ids = torch.full((len(rows),), t, dtype=torch.long, device=device)
             if frozen_final is not None:
                 adapter = model.final_adapter
                 final = adapter(0, frozen_final[t][rows].to(device), adapter.unit_mask(task_ids))
                 task_loss = distance(final, target.final, loss)
             else:
-                batch = to_device(model.backbone.collate([unlabeled[t][i] for i in rows]), device)
+                batch = model.backbone.batch([pool[i] for i in rows], device)
                 task_loss = surgery_loss(model, batch, task_ids, target, loss)
             task_loss.backward()  # gradients of Σ_t accumulate; one step below
             total += task_loss.item()

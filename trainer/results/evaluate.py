@@ -1,14 +1,15 @@
-"""Evaluation: per-task top-1 accuracy and the representation bias (PAPER.md, Def. IV.1),
+"""Evaluation: per-task top-1 accuracy and the representation bias (Def. IV.1 of the paper),
 both from ONE pass over the test split."""
 
 from __future__ import annotations
 
 import torch
 
-from .data import Split
-from .model import MultiTaskModel
-from .surgery import Targets
-from .utils import length_order, progress, to_device
+from ..backbones.base import length_order
+from ..data.tasks import Split
+from ..progress import progress
+from ..surgery.features import Targets
+from ..surgery.model import Heads, MultiTaskModel
 
 
 @torch.no_grad()
@@ -32,7 +33,7 @@ def evaluate_task(
     for start in progress(range(0, len(order), batch_size), desc, "batch"):
         rows = order[start : start + batch_size]
         part = split.take(rows)
-        batch = to_device(model.backbone.collate(part.inputs), device)
+        batch = model.backbone.batch(part.inputs, device)
         task_ids = torch.full((len(rows),), task_index, dtype=torch.long, device=device)
         final, means = model.representations(batch, task_ids, block_means=expert is not None)
         logits = model.heads(final, task_ids)[:, :num_classes]
@@ -47,9 +48,9 @@ def evaluate_task(
 
 @torch.no_grad()
 def accuracy_from_features(
-    model: MultiTaskModel, task_index: int, final: torch.Tensor, labels, device: torch.device
+    heads: Heads, task_index: int, final: torch.Tensor, labels, device: torch.device
 ) -> float:
     """Top-1 accuracy of task ``task_index``'s head on precomputed final representations."""
     task_ids = torch.full((len(final),), task_index, dtype=torch.long, device=device)
-    logits = model.heads(final.to(device), task_ids)[:, : model.heads.num_classes[task_index]]
+    logits = heads(final.to(device), task_ids)[:, : heads.num_classes[task_index]]
     return (logits.argmax(-1).cpu() == torch.as_tensor(labels)).float().mean().item()

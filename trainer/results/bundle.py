@@ -13,10 +13,11 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from .backbones import backbone_from_spec
-from .errors import UserError
-from .model import Heads, MultiTaskModel
-from .utils import atomic_directory, sha256_file
+from modeldir import atomic_directory, sha256_file
+
+from ..backbones import backbone_from_spec
+from ..errors import UserError
+from ..surgery.model import Heads, MultiTaskModel
 
 FORMAT_VERSION = 1
 

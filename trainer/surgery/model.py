@@ -4,7 +4,8 @@ Training (surgery), evaluation and ONNX export all call ``MultiTaskModel.forward
 exported and served is exactly what was measured. Every row of a batch carries its own task id;
 one batch may mix tasks.
 
-Representation surgery (PAPER.md): after block l the hidden state of a row of task t becomes
+Representation surgery (SurgeryV2, arXiv 2410.14389): after block l the hidden state of a row
+of task t becomes
     Ẑ = Z − W_up[l, t] · ReLU(W_down[l, t] · Z)          (no bias, on every token)
 and feeds block l + 1; one more adapter acts on the final pooled representation. ``surgery``
 keeps only that final one, ``surgeryv2`` has both.
@@ -12,49 +13,15 @@ keeps only that final one, ``surgeryv2`` has both.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import Backbone
+from ..backbones import Backbone
+from .adapters import Adapters
 
 SURGERY_MODES = ("none", "surgery", "surgeryv2")
 PAD_LOGIT = -1e4  # value of a task's padding logit columns (fits fp16)
-
-
-class Adapters(nn.Module):
-    """Low-rank adapters of all tasks at ``positions`` places, as stacked tensors.
-
-    ``down`` [P, T, r, D] and ``up`` [P, T, D, r]. Rows pick their task's adapter with a
-    task mask over the concatenated T·r hidden units instead of a per-row gather: one dense
-    [D, T·r] matmul is what CPUs and ONNX runtimes run fastest, and masked units give exactly
-    zero output and zero gradient.
-    """
-
-    def __init__(self, positions: int, num_tasks: int, rank: int, dim: int, seed: int = 0):
-        super().__init__()
-        self.num_tasks, self.rank = num_tasks, rank
-        generator = torch.Generator().manual_seed(seed)
-        bound = 1.0 / math.sqrt(dim)  # kaiming_uniform_(a=√5), as nn.Linear
-        down = (torch.rand(positions, num_tasks, rank, dim, generator=generator) * 2 - 1) * bound
-        self.down = nn.Parameter(down)
-        self.up = nn.Parameter(torch.zeros(positions, num_tasks, dim, rank))  # step 0 = identity
-
-    def unit_mask(self, task_ids: torch.Tensor) -> torch.Tensor:
-        """[B] task ids -> [B, T·r] float mask selecting each row's task's hidden units."""
-        onehot = F.one_hot(task_ids, self.num_tasks).to(self.down.dtype)
-        return onehot.repeat_interleave(self.rank, dim=1)
-
-    def forward(self, position: int, x: torch.Tensor, unit_mask: torch.Tensor) -> torch.Tensor:
-        """x [B, D] or [B, N, D] -> x − W_up·ReLU(W_down·x) with each row's task's adapter."""
-        num_tasks, rank, dim = self.down.shape[1:]
-        down = self.down[position].reshape(num_tasks * rank, dim)  # [T·r, D]
-        up = self.up[position].transpose(1, 2).reshape(num_tasks * rank, dim)  # [T·r, D]
-        mask = unit_mask if x.dim() == 2 else unit_mask.unsqueeze(1)
-        hidden = F.relu(x @ down.t()) * mask
-        return x - hidden @ up
 
 
 class Heads(nn.Module):
@@ -119,24 +86,18 @@ class MultiTaskModel(nn.Module):
 
     def representations(
         self, batch: dict[str, torch.Tensor], task_ids: torch.Tensor, block_means: bool = False
-    ):
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """-> (final representation [B, F], each block's token-mean [B, D] after its adapter,
         or [] unless ``block_means``): the L + 1 vectors surgery aligns with the experts'."""
-        backbone = self.backbone
-        hidden, ctx = backbone.embed(batch)
-        need_mask = self.block_adapters is not None or self.final_adapter is not None
-        unit_mask = None
-        if need_mask:
-            adapters = self.block_adapters or self.final_adapter
-            unit_mask = adapters.unit_mask(task_ids)
-        means = []
-        for index in range(backbone.num_blocks):
-            hidden = backbone.block(index, hidden, ctx)
-            if self.block_adapters is not None:
-                hidden = self.block_adapters(index, hidden, unit_mask)
-            if block_means:
-                means.append(backbone.token_mean(hidden, ctx))
-        final = backbone.pool(hidden, ctx)
+        adapters = self.block_adapters or self.final_adapter
+        unit_mask = adapters.unit_mask(task_ids) if adapters is not None else None
+        after_block = None
+        if self.block_adapters is not None:
+
+            def after_block(index: int, hidden: torch.Tensor) -> torch.Tensor:
+                return self.block_adapters(index, hidden, unit_mask)
+
+        final, means = self.backbone.run(batch, after_block, block_means)
         if self.final_adapter is not None:
             final = self.final_adapter(0, final, unit_mask)
         return final, means

@@ -1,4 +1,4 @@
-"""The run's tasks: the config's [[tasks]], or the generated demo suite."""
+"""Unlabeled inputs: what surgery and data-driven merging learn from (never labels)."""
 
 from __future__ import annotations
 
@@ -7,30 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config
-from .data import IMAGE_SUFFIXES, TaskData, load_task, read_image, resolve_path
-from .demo import generate
-from .errors import UserError
-from .utils import fingerprint
-
-
-def load_tasks(config: Config, data_root: Path, cache: Path) -> list[TaskData]:
-    if config.demo:
-        options = {"train": 600, "test": 300, "tasks": None, **config.demo}
-        names = options.pop("tasks") or None
-        folder = cache / "demo-data" / fingerprint(config.seed, options, names)
-        if not (folder / ".complete").is_file():
-            generate(
-                folder,
-                seed=config.seed,
-                train=options["train"],
-                test=options["test"],
-                **({"tasks": tuple(names)} if names else {}),
-            )
-            (folder / ".complete").write_text("ok\n")
-        task_names = names or [p.name for p in sorted(folder.iterdir()) if p.is_dir()]
-        return [load_task(n, str(folder / n), data_root) for n in task_names]
-    return [load_task(t.name, t.path, data_root, t.train_limit, t.test_limit) for t in config.tasks]
+from ..config import Config
+from ..errors import UserError
+from .tasks import IMAGE_SUFFIXES, TaskData, read_image, resolve_path
 
 
 def unlabeled_inputs(config: Config, tasks: list[TaskData], data_root: Path) -> list[list]:

@@ -1,8 +1,8 @@
 """``[pretrain]``: supervised pre-training of the base backbone on a generic labelled corpus.
 
 No pretrained CLIP weights can be had offline, so the vision benchmark first trains its small
-open_clip ViT on cifar10 (DESIGN: the experts must share a pretrained base, or task vectors
-mean nothing). The result is cached under ``<cache>/pretrain`` by a hash of the backbone, its
+open_clip ViT on cifar10 (the experts must share a pretrained base, or task vectors mean
+nothing). The result is cached under ``<cache>/pretrain`` by a hash of the backbone, its
 initial weights, the corpus and the settings; its test accuracy is recomputed (seconds) and
 reported so a user can see how good the base is.
 """
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from .backbones import Backbone
-from .config import FinetuneConfig, PretrainConfig
-from .data import load_task
-from .experts import CACHE_VERSION, cached_training, train_classifier
-from .utils import fingerprint, state_fingerprint
+from ..backbones import Backbone
+from ..config import FinetuneConfig, PretrainConfig
+from ..data.tasks import load_task
+from .cache import cache_key, cached_training
+from .finetune import head_accuracy, train_classifier
 
 log = logging.getLogger("deepsurgery")
 
@@ -28,10 +28,6 @@ def pretrain_base(
     base: Backbone, cfg: PretrainConfig, data_root: Path, cache: Path, device: torch.device
 ) -> dict:
     """Load (or train and cache) the pre-trained weights INTO ``base``; return a summary."""
-    from .evaluate import accuracy_from_features
-    from .model import Heads, MultiTaskModel
-    from .surgery import representations
-
     started = time.perf_counter()
     corpus = load_task(cfg.name, cfg.path, data_root, cfg.train_limit, cfg.test_limit)
     init = {k: v.detach().clone() for k, v in base.state_dict().items()}
@@ -44,14 +40,7 @@ def pretrain_base(
         head_lr=cfg.lr,
         seed=cfg.seed,
     )
-    key = fingerprint(
-        CACHE_VERSION,
-        "pretrain",
-        base.spec(),
-        state_fingerprint(init),
-        corpus.fingerprint,
-        cfg.__dict__,
-    )
+    key = cache_key("pretrain", base.spec(), init, [corpus.fingerprint], cfg.__dict__)
     trained = cached_training(
         "pretrain",
         corpus.name,
@@ -63,10 +52,7 @@ def pretrain_base(
         ),
     )
     base.load_state_dict(trained.state)
-    ((weight, bias),) = trained.heads
-    probe = MultiTaskModel(base, Heads([weight], [bias]), [corpus.name]).to(device)
-    feats = representations(base.to(device), corpus.test.inputs, 256, device, "pre-train eval")
-    accuracy = accuracy_from_features(probe, 0, feats.final, corpus.test.labels, device)
+    accuracy = head_accuracy(base, trained.heads[0], corpus.test, device)
     base.cpu()
     info = {
         "corpus": corpus.name,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .utils import write_json_atomic
+from modeldir import write_json_atomic
 
 
 def results_row(method: str, surgery: str, acc: dict[str, float]) -> dict:

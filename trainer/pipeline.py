@@ -1,0 +1,323 @@
+"""The experiment: everything the result rows share, built once by :func:`prepare`.
+
+Tasks and unlabeled inputs, the base backbone, the experts and their frozen heads, and the
+experts' representations (the individual row, the bias reference, the surgery targets). From
+it, ``merged(method)`` gives a merged state, ``model(state, mode)`` a multi-task model that
+OWNS its weights (a fresh copy of the backbone: no model ever sees another's weights, whatever
+the call order), ``surgery(model)`` repairs it and ``evaluate(model)`` scores it.
+``trainer.fit`` walks every merge method × surgery mode with it; the ``bench`` analyses reuse
+it to try surgery variants.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .backbones import Backbone, build_backbone
+from .config import Config
+from .data.suite import load_tasks
+from .data.tasks import TaskData
+from .data.unlabeled import unlabeled_inputs
+from .errors import UserError
+from .experts.cache import state_fingerprint
+from .experts.checkpoints import StateDict
+from .experts.expert import Expert, get_expert
+from .experts.multitask import train_multitask
+from .experts.pretrain import pretrain_base
+from .merging import MergeContext, get_method, merge
+from .results.evaluate import accuracy_from_features, evaluate_task
+from .surgery.features import Targets, final_features, representations
+from .surgery.model import Heads, MultiTaskModel
+from .surgery.train import SurgeryResult, train_surgery
+
+log = logging.getLogger("deepsurgery")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            "--device cuda was asked for but CUDA is not available here; "
+            "use --device cpu or --device auto"
+        )
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, got '{name}'")
+    return torch.device(name)
+
+
+@dataclass(kw_only=True)
+class Experiment:
+    config: Config
+    device: torch.device
+    cache: Path
+    tasks: list[TaskData]
+    base: Backbone  # holds the base weights; never loaded with anything else
+    experts: list[Expert]
+    heads: Heads  # the experts' frozen heads, one per task
+    unlabeled: list | None  # per task: the inputs surgery / AdaMerging learn from
+    test_targets: list[Targets]  # the experts' representations of the test inputs
+    train_targets: list[Targets]  # ... of the unlabeled inputs (surgery targets)
+    individual: dict[str, float]  # each task's expert accuracy
+    pretrain: dict | None = None
+    timing: dict[str, float] = field(default_factory=dict)
+    _frozen: dict = field(default_factory=dict)  # Surgery's merged features per state + pool
+    _clock: float = field(default_factory=time.perf_counter)
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def base_state(self) -> StateDict:
+        return self.base.state_dict()
+
+    def lap(self, stage: str) -> None:
+        """Add the time since the last lap to ``timing[stage]``."""
+        now = time.perf_counter()
+        self.timing[stage] = round(self.timing.get(stage, 0.0) + now - self._clock, 2)
+        self._clock = now
+
+    def backbone(self, state: StateDict) -> Backbone:
+        """A new backbone module holding ``state`` (the base's architecture), on the device."""
+        module = copy.deepcopy(self.base)
+        module.load_state_dict(state)
+        return module.to(self.device)
+
+    def merged(self, method: str) -> tuple[StateDict, dict]:
+        """The merged backbone state of ``method`` and the hyper-parameters it used."""
+        hparams = self.config.merge.hparams(method)
+        context = None
+        if get_method(method).needs_data:
+            context = MergeContext(
+                self.backbone(self.base_state),
+                copy.deepcopy(self.heads),
+                self.unlabeled,
+                self.device,
+                self.config.seed,
+            )
+        state = merge(method, self.base_state, [e.state for e in self.experts], hparams, context)
+        return state, hparams
+
+    def model(self, state: StateDict, mode: str = "none", rank: int | None = None):
+        """A new MultiTaskModel owning a copy of ``state``, with fresh adapters for ``mode``."""
+        return MultiTaskModel(
+            self.backbone(state),
+            copy.deepcopy(self.heads),
+            self.names,
+            mode,
+            rank or self.config.surgery.rank,
+            self.config.seed,
+        ).to(self.device)
+
+    def surgery(
+        self,
+        model: MultiTaskModel,
+        unlabeled: list | None = None,
+        targets: list[Targets] | None = None,
+        callback: Callable[[int, MultiTaskModel], None] | None = None,
+        **overrides,
+    ) -> SurgeryResult:
+        """Train ``model``'s adapters (the config's [surgery] values unless overridden)."""
+        sc = self.config.surgery
+        kwargs = {k: getattr(sc, k) for k in ("iterations", "batch_size", "lr", "loss", "seed")}
+        kwargs.update(overrides)
+        pool = self.unlabeled if unlabeled is None else unlabeled
+        frozen = None
+        if model.mode == "surgery":  # the frozen merged backbone's output: once per state+pool
+            key = (state_fingerprint(model.backbone.state_dict()), id(pool))
+            if key not in self._frozen:
+                feats = final_features(model.backbone, pool, self.device, self.names)
+                self._frozen[key] = (pool, feats)  # holding pool keeps its id() unique
+            frozen = self._frozen[key][1]
+        return train_surgery(
+            model,
+            pool,
+            self.train_targets if targets is None else targets,
+            device=self.device,
+            callback=callback,
+            frozen_final=frozen,
+            **kwargs,
+        )
+
+    def evaluate(
+        self, model: MultiTaskModel, label: str, rows: list | None = None
+    ) -> tuple[dict[str, float], list[float]]:
+        """Per-task accuracy and the mean bias per block; ``rows[t]`` limits task t's test rows."""
+        acc, per_task_bias = {}, []
+        for i, task in enumerate(self.tasks):
+            split, targets = task.test, self.test_targets[i]
+            if rows is not None:
+                split, targets = split.take(rows[i]), targets.take(torch.as_tensor(rows[i]))
+            acc[task.name], bias = evaluate_task(
+                model,
+                i,
+                split,
+                self.config.eval.batch_size,
+                self.device,
+                targets,
+                f"{label} {task.name}",
+            )
+            per_task_bias.append(bias)
+        return acc, [sum(v) / len(v) for v in zip(*per_task_bias)]
+
+    def individual_accuracy(self, rows: list | None = None) -> dict[str, float]:
+        """Each expert's accuracy (its cached test representations + its head)."""
+        acc = {}
+        for i, task in enumerate(self.tasks):
+            final, labels = self.test_targets[i].final, task.test.labels
+            if rows is not None:
+                final, labels = final[torch.as_tensor(rows[i])], labels[rows[i]]
+            acc[task.name] = accuracy_from_features(self.heads, i, final, labels, self.device)
+        return acc
+
+    def expert_targets(
+        self, pools: list[list], desc: str, skip: dict[int, Targets] | None = None
+    ) -> list[Targets]:
+        """Expert t's representations of ``pools[t]`` for every task t; ``skip[t]`` supplies
+        task t's ready-made targets instead."""
+        out = []
+        for t, expert in enumerate(self.experts):
+            if skip and t in skip:
+                out.append(skip[t])
+                continue
+            out.append(
+                representations(
+                    self.backbone(expert.state),
+                    pools[t],
+                    self.config.eval.batch_size,
+                    self.device,
+                    f"{desc} expert {self.names[t]}",
+                )
+            )
+        return out
+
+    def multitask_model(self) -> MultiTaskModel:
+        """The "Traditional MTL" reference (cached like the experts) as a MultiTaskModel."""
+        trained = train_multitask(
+            self.base,
+            self.base_state,
+            self.tasks,
+            finetune=self.config.finetune,
+            multitask=self.config.multitask,
+            cache_dir=self.cache,
+            device=self.device,
+        )
+        log.info("multitask reference %s", trained.source)
+        heads = Heads(
+            [w for w, _ in trained.heads],
+            [b for _, b in trained.heads],
+            normalize=self.base.normalize_head,
+        )
+        return MultiTaskModel(self.backbone(trained.state), heads, self.names).to(self.device)
+
+
+def prepare(config: Config, *, data_root: Path, cache: Path, device: torch.device) -> Experiment:
+    """Inputs (all checked before any training), pre-training, experts, and the experts'
+    representations: everything the rows share."""
+    clock = time.perf_counter()
+    timing: dict[str, float] = {}
+    # ---- 1. inputs: tasks, unlabeled data, the base (all checked before any training) -------
+    torch.manual_seed(config.seed)
+    tasks = load_tasks(config, data_root, cache)
+    sc = config.surgery
+    wants_surgery = any(m != "none" for m in sc.modes)
+    data_driven = any(get_method(m).needs_data for m in config.merge.methods)
+    unlabeled = unlabeled_inputs(config, tasks, data_root) if wants_surgery or data_driven else None
+    base = build_backbone(config.backbone)
+    for task in tasks:
+        if task.modality != base.modality:
+            raise UserError(
+                f"task '{task.name}' holds {task.modality} data but the backbone "
+                f"'{config.backbone.kind}' reads {base.modality}"
+            )
+    if sc.rank > min(base.width, base.feature_dim):
+        raise UserError(
+            f"surgery.rank {sc.rank} exceeds the backbone width "
+            f"{min(base.width, base.feature_dim)}; use a rank in 1..{base.width}"
+        )
+    log.info(
+        "%d tasks (%s) on %s, device %s",
+        len(tasks),
+        ", ".join(t.name for t in tasks),
+        config.backbone.kind,
+        device,
+    )
+    timing["load"] = round(time.perf_counter() - clock, 2)
+    clock = time.perf_counter()
+
+    # ---- 2. the base (pre-trained here when configured) and the experts ---------------------
+    pretrain = None
+    if config.pretrain.path:
+        pretrain = pretrain_base(base, config.pretrain, data_root, cache, device)
+        timing["pretrain"] = round(time.perf_counter() - clock, 2)
+        clock = time.perf_counter()
+    base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    checkpoints = {t.name: t.checkpoint for t in config.tasks}
+    experts = []
+    for task in tasks:
+        expert = get_expert(
+            task,
+            checkpoint=checkpoints.get(task.name, ""),
+            base=base,
+            base_state=base_state,
+            finetune=config.finetune,
+            cache_dir=cache,
+            device=device,
+        )
+        log.info("expert %-12s %s", task.name, expert.source)
+        experts.append(expert)
+    timing["experts"] = round(time.perf_counter() - clock, 2)
+    clock = time.perf_counter()
+    heads = Heads(
+        [e.head_weight for e in experts],
+        [e.head_bias for e in experts],
+        normalize=base.normalize_head,
+    ).to(device)
+
+    # ---- 3. the experts' representations: the individual row, bias and surgery targets ------
+    batch_size = config.eval.batch_size
+    test_targets, train_targets, individual = [], [], {}
+    for i, (task, expert) in enumerate(zip(tasks, experts)):
+        work = copy.deepcopy(base)
+        work.load_state_dict(expert.state)
+        work.to(device)
+        feats = representations(work, task.test.inputs, batch_size, device, f"expert {task.name}")
+        test_targets.append(feats)
+        individual[task.name] = accuracy_from_features(
+            heads, i, feats.final, task.test.labels, device
+        )
+        if unlabeled is not None and wants_surgery:
+            same = sc.unlabeled == "test" and sc.unlabeled_fraction == 1.0
+            train_targets.append(
+                feats
+                if same
+                else representations(work, unlabeled[i], batch_size, device, f"targets {task.name}")
+            )
+        del work
+    experiment = Experiment(
+        config=config,
+        device=device,
+        cache=cache,
+        tasks=tasks,
+        base=base,
+        experts=experts,
+        heads=heads,
+        unlabeled=unlabeled,
+        test_targets=test_targets,
+        train_targets=train_targets,
+        individual=individual,
+        pretrain=pretrain,
+        timing=timing,
+        _clock=clock,
+    )
+    experiment.lap("targets")
+    return experiment
