@@ -15,6 +15,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import onnx
+import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -102,7 +104,7 @@ def convert_to_fp16(path: Path) -> list[str]:
     """fp32 graph -> fp16 weights and activations, in place; inputs/outputs stay float32
     (the runtime feeds float32 pixel_values and reads float32 logits). Returns the op types
     kept in fp32 beyond onnxruntime's default block list."""
-    import onnx
+    # onnxruntime.transformers is a large package of its own that only fp16 exports need
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
@@ -141,16 +143,12 @@ def probe_session(path: Path) -> None:
 
 
 def check_graph(path: Path) -> None:
-    import onnx
-
     onnx.checker.check_model(str(path), full_check=True)
 
 
 def cpu_session(path: Path, threads: int = 0, precision: str = "fp32"):
     """An onnxruntime session on the CPU provider; a graph with ops that have no kernel for its
     precision becomes a one-line UserError."""
-    import onnxruntime as ort
-
     if precision == "fp16":
         probe_session(path)
     options = ort.SessionOptions()

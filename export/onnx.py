@@ -15,18 +15,27 @@ runtime reads; it is written to a temporary sibling and renamed at the end.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime
 import torch
 
+from modeldir import (
+    FORMAT_VERSION,
+    MANIFEST,
+    atomic_directory,
+    sha256_file,
+    task_entries,
+    write_json_atomic,
+)
 from trainer.errors import UserError, run_cli
+from trainer.results.bundle import load_bundle
 from trainer.surgery.model import PAD_LOGIT, Heads, MultiTaskModel
-from modeldir import atomic_directory, sha256_file
 
 from .graph import (
     DEFAULT_OPSET,
@@ -40,8 +49,7 @@ from .graph import (
 )
 from .parity import batches, compare, held_out_inputs
 
-FORMAT_VERSION = 1
-FP32_MAX_ABS_DIFF = 1e-4  # issue 4: fp32 must match PyTorch to 1e-4 with identical top-1
+FP32_MAX_ABS_DIFF = 1e-4  # fp32 must match PyTorch to 1e-4 with identical top-1
 FP32_MIN_TOP1 = 1.0
 FP16_MIN_TOP1 = 0.995
 ROWS_PER_TASK = 8
@@ -149,8 +157,7 @@ def _graph_file(name: str, index: int) -> str:
 
 
 def _load(bundle: Path | None):
-    from trainer.results.bundle import load_bundle
-
+    """The bundle (default: the newest), read and verified by the trainer's own loader."""
     bundle = Path(bundle) if bundle is not None else latest_bundle()
     try:
         model, manifest = load_bundle(bundle)
@@ -311,15 +318,9 @@ def export(
             "format_version": FORMAT_VERSION,
             "modality": modality,
             "backbone": bundle_manifest["backbone"],
-            "tasks": [
-                {
-                    "name": name,
-                    "index": i,
-                    "classes": list(bundle_tasks[name]["classes"]),
-                    "num_classes": num_classes[i],
-                }
-                for i, name in enumerate(model.task_names)
-            ],
+            "tasks": task_entries(
+                model.task_names, [bundle_tasks[name]["classes"] for name in model.task_names]
+            ),
             "inputs": _input_specs(modality, image_size),
             "outputs": [
                 {
@@ -338,11 +339,8 @@ def export(
             "parity": parity,
             "source_bundle": {
                 "path": str(bundle.resolve()),
-                "manifest_sha256": sha256_file(bundle / "manifest.json"),
-                "tasks": [
-                    bundle_manifest["tasks"][i]["name"]
-                    for i in range(len(bundle_manifest["tasks"]))
-                ],
+                "manifest_sha256": sha256_file(bundle / MANIFEST),
+                "tasks": [t["name"] for t in bundle_manifest["tasks"]],
                 "surgery": bundle_manifest.get("surgery"),
                 "heads": bundle_manifest.get("heads"),
                 **{
@@ -357,7 +355,7 @@ def export(
                 **_versions(),
             },
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_json_atomic(tmp / MANIFEST, manifest)
     return manifest, out
 
 
@@ -380,9 +378,6 @@ def _input_specs(modality: str, image_size: tuple[int, int]) -> list[dict]:
 
 
 def _versions() -> dict:
-    import onnx
-    import onnxruntime
-
     return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -51,12 +50,6 @@ def choose_providers(mode: str, available: list[str], gpu_visible: bool) -> list
             )
         return [CUDA, CPU]
     return [CUDA, CPU] if CUDA in available and gpu_visible else [CPU]
-
-
-@dataclass
-class RowResult:
-    task_index: int  # index into ModelSpec.tasks
-    logits: np.ndarray  # [num_classes of that task] float32
 
 
 class Engine:

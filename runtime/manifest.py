@@ -1,36 +1,45 @@
 """Read and verify an exported model directory (`python -m export.onnx` writes it).
 
 The directory holds `model.onnx`, `manifest.json` and, for text models, `tokenizer.json`. The
-manifest is the contract between export and runtime: task names and classes, graph inputs,
-the preprocessing to apply, and the sha256 of every file. Nothing here imports onnxruntime, so
-a bad directory is reported before any heavy import or allocation.
+manifest is the contract between export and runtime: its common fields (format version,
+modality, tasks, preprocessing type, sha256 of every file) are the `modeldir` schema the
+exporter writes with; this module adds the runtime's own checks (graph inputs, per-task graphs,
+preprocessing details). Nothing here imports onnxruntime, so a bad directory is reported before
+any heavy import or allocation.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 1
-MODALITIES = ("image", "text")
+from modeldir import (
+    FORMAT_VERSION,
+    MANIFEST,
+    MODALITIES,
+    ManifestError,
+    Task,
+    parse_tasks,
+    read_manifest,
+    verify_files,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MODALITIES",
+    "ModelDirError",
+    "ModelSpec",
+    "Task",
+    "load_model_dir",
+    "verify_sha256",
+]
 
 
-class ModelDirError(ValueError):
+class ModelDirError(ManifestError):
     """The model directory is missing, malformed or does not match its manifest."""
-
-
-@dataclass(frozen=True)
-class Task:
-    name: str
-    index: int  # the row's task_id in the fused graph
-    classes: tuple[str, ...]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
 
 @dataclass(frozen=True)
@@ -57,57 +66,26 @@ class ModelSpec:
         return max(t.num_classes for t in self.tasks)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+@contextlib.contextmanager
+def _model_dir_errors() -> Iterator[None]:
+    """The shared schema's ManifestError, raised as this module's ModelDirError."""
+    try:
+        yield
+    except ModelDirError:
+        raise
+    except ManifestError as e:
+        raise ModelDirError(str(e)) from None
 
 
-def _require(cond: bool, path: Path, what: str) -> None:
+def _require(cond: Any, path: Path, what: str) -> None:
     if not cond:
         raise ModelDirError(f"{path}: {what}")
 
 
-def _parse_tasks(raw: Any, mpath: Path) -> tuple[Task, ...]:
-    _require(isinstance(raw, list) and raw, mpath, "'tasks' must be a non-empty list")
-    tasks = []
-    for i, t in enumerate(raw):
-        _require(isinstance(t, dict), mpath, f"tasks[{i}] must be an object")
-        name, classes = t.get("name"), t.get("classes")
-        _require(isinstance(name, str) and name and name != "*", mpath, f"tasks[{i}].name is bad")
-        _require(
-            isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes),
-            mpath,
-            f"tasks[{i}].classes must be a non-empty list of strings",
-        )
-        _require(t.get("index", i) == i, mpath, f"tasks[{i}].index must be {i} (manifest order)")
-        n = t.get("num_classes", len(classes))
-        _require(n == len(classes), mpath, f"tasks[{i}].num_classes {n} != len(classes)")
-        tasks.append(Task(name=name, index=i, classes=tuple(classes)))
-    names = [t.name for t in tasks]
-    _require(len(set(names)) == len(names), mpath, f"duplicate task names in {names}")
-    return tuple(tasks)
-
-
 def verify_sha256(root: Path, expected: dict[str, str], files: list[str]) -> None:
     """Refuse files whose content differs from the manifest (a stale or half-copied export)."""
-    for name in files:
-        path = root / name
-        _require(path.is_file(), path, "file not found (the manifest lists it); re-run export")
-        want = expected.get(name)
-        _require(
-            isinstance(want, str) and want,
-            root / "manifest.json",
-            f"no sha256 for {name!r}; re-export so the manifest records it",
-        )
-        got = sha256_file(path)
-        if got != want.lower():
-            raise ModelDirError(
-                f"{path}: sha256 mismatch (manifest {want[:12]}..., file {got[:12]}...); "
-                "the file changed after export: re-run export or restore the file"
-            )
+    with _model_dir_errors():
+        verify_files(root, expected, files, hint="re-run export")
 
 
 def load_model_dir(root: str | Path, task: str | None = None) -> ModelSpec:
@@ -117,31 +95,13 @@ def load_model_dir(root: str | Path, task: str | None = None) -> ModelSpec:
     single-task graph from the manifest's `per_task` (the naive one-process-per-task setup).
     """
     root = Path(root)
-    _require(root.is_dir(), root, "not a directory; pass --model DIR written by export.onnx")
-    mpath = root / "manifest.json"
-    _require(mpath.is_file(), mpath, "not found; is this a model dir written by export.onnx?")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelDirError(f"{mpath}: not valid JSON ({e})") from None
-    _require(isinstance(manifest, dict), mpath, "must hold a JSON object")
-    version = manifest.get("format_version")
-    _require(
-        version == FORMAT_VERSION,
-        mpath,
-        f"format_version {version!r} is not supported (this runtime reads {FORMAT_VERSION})",
-    )
-    modality = manifest.get("modality")
-    _require(modality in MODALITIES, mpath, f"modality {modality!r} must be one of {MODALITIES}")
-    tasks = _parse_tasks(manifest.get("tasks"), mpath)
-
-    pre = manifest.get("preprocessing")
-    _require(isinstance(pre, dict), mpath, "'preprocessing' must be an object")
-    _require(
-        pre.get("type") == modality,
-        mpath,
-        f"preprocessing.type {pre.get('type')!r} != modality {modality!r}",
-    )
+    mpath = root / MANIFEST
+    with _model_dir_errors():
+        manifest = read_manifest(
+            root, what="model dir", hint="pass --model DIR written by python -m export.onnx"
+        )
+        tasks = parse_tasks(manifest["tasks"], mpath)
+    modality, pre, sha = manifest["modality"], manifest["preprocessing"], manifest["sha256"]
     inputs = manifest.get("inputs")
     _require(
         isinstance(inputs, list) and all(isinstance(i, dict) and "name" in i for i in inputs),
@@ -153,8 +113,6 @@ def load_model_dir(root: str | Path, task: str | None = None) -> ModelSpec:
     for name in (*want_inputs, "task_ids"):
         _require(name in input_names, mpath, f"inputs lack {name!r} (a {modality} model needs it)")
 
-    sha = manifest.get("sha256") or {}
-    _require(isinstance(sha, dict), mpath, "'sha256' must map file names to hex digests")
     files = []
     if task is None:
         graph, fused, served = "model.onnx", True, tasks

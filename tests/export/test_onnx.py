@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from export import onnx as export_onnx
-from trainer.results.bundle import load_bundle
 from modeldir import sha256_file
+from trainer.results.bundle import load_bundle
 
 CPU = ["CPUExecutionProvider"]
 
@@ -217,18 +217,34 @@ def test_missing_bundle(tmp_path, capsys, monkeypatch):
     assert "no bundle found" in one_line_error(capsys)
 
 
-@pytest.mark.parametrize("damage", ["incomplete", "corrupt"])
-def test_broken_bundle(damage, make_bundle, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "damage,needle",
+    [
+        ("incomplete", "tasks.safetensors: file not found"),
+        ("corrupt", "backbone.safetensors: sha256 mismatch"),
+        ("version", "format_version 2 is not supported"),
+        ("tasks", "tasks[1].num_classes 7 != len(tasks[1].classes) 3"),
+    ],
+)
+def test_broken_bundle(damage, needle, make_bundle, tmp_path, capsys):
+    """The bundle is read through the shared modeldir checks: one-line errors naming the file."""
     bundle = tmp_path / "bundle"
     shutil.copytree(make_bundle("text", "none"), bundle)
+    path = bundle / "manifest.json"
+    manifest = json.loads(path.read_text())
     if damage == "incomplete":
         (bundle / "tasks.safetensors").unlink()
-    else:
+    elif damage == "corrupt":
         data = bytearray((bundle / "backbone.safetensors").read_bytes())
         data[-1] ^= 0xFF
         (bundle / "backbone.safetensors").write_bytes(data)
+    elif damage == "version":
+        path.write_text(json.dumps({**manifest, "format_version": 2}))
+    else:
+        manifest["tasks"][1]["num_classes"] = 7
+        path.write_text(json.dumps(manifest))
     assert export(bundle, tmp_path / "o") == 2
-    assert ("missing" if damage == "incomplete" else "sha256") in one_line_error(capsys)
+    assert needle in one_line_error(capsys)
     assert not (tmp_path / "o").exists()
 
 
