@@ -8,6 +8,11 @@ others are picked by how close their length (tokens) is to it, because every row
 the batch's longest: on CPU, padding is compute thrown away. `max_tokens` (rows x longest)
 optionally caps a batch's padded size. The work itself (`run_batch`) runs in one dedicated
 thread, so the event loop keeps accepting and preprocessing requests while the graph executes.
+
+`max_queue` bounds the requests waiting (being preprocessed or queued, not yet in a running
+batch): `expecting()` raises `QueueFull` beyond it, so overload fails fast instead of growing
+latency and memory without limit. `on_batch` (optional) is told each executed batch's rows,
+jobs, the queue wait of each job and the execution time (the metrics hook).
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ class DeadlineExpired(Exception):
     """The job's deadline passed while it waited in the queue; it was not run."""
 
 
+class QueueFull(Exception):
+    """`max_queue` requests are already waiting; this one is refused (RESOURCE_EXHAUSTED)."""
+
+
 @dataclass
 class Job:
     """One request in the queue: `rows` model rows, answered together through `future`."""
@@ -42,6 +51,8 @@ class Job:
 
 
 RunBatch = Callable[[list[Any]], list[Any]]  # payloads -> one result per payload
+# rows, jobs, each job's queue wait (s), execution time (s)
+OnBatch = Callable[[int, int, list[float], float], None]
 
 
 class Batcher:
@@ -51,6 +62,8 @@ class Batcher:
         max_batch: int = 32,
         max_delay_ms: float = 5.0,
         max_tokens: int = 0,
+        max_queue: int = 0,
+        on_batch: OnBatch | None = None,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -58,6 +71,10 @@ class Batcher:
             raise ValueError(f"max_delay_ms must be >= 0, got {max_delay_ms}")
         if max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0 (0: no limit), got {max_tokens}")
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0 (0: no limit), got {max_queue}")
+        self.max_queue = max_queue
+        self.on_batch = on_batch
         self.max_tokens = max_tokens
         self.run_batch = run_batch
         self.max_batch = max_batch
@@ -67,7 +84,19 @@ class Batcher:
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._task: asyncio.Task | None = None
-        self.stats = {"batches": 0, "rows": 0, "jobs": 0, "expired": 0, "isolated_failures": 0}
+        self.stats = {
+            "batches": 0,
+            "rows": 0,
+            "jobs": 0,
+            "expired": 0,
+            "isolated_failures": 0,
+            "rejected": 0,
+        }
+
+    @property
+    def waiting(self) -> int:
+        """Requests admitted but not yet in a running batch (preprocessing or queued)."""
+        return self._incoming + len(self._queue)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
@@ -86,7 +115,15 @@ class Batcher:
 
     @contextlib.contextmanager
     def expecting(self) -> Iterator[None]:
-        """Wrap a job's preprocessing: the open batch waits for it (up to max_delay)."""
+        """Wrap a job's preprocessing: the open batch waits for it (up to max_delay).
+
+        Raises QueueFull (before any work is done) when `max_queue` requests already wait."""
+        if self.max_queue and self.waiting >= self.max_queue:
+            self.stats["rejected"] += 1
+            raise QueueFull(
+                f"queue full: {self.waiting} requests already waiting (--max-queue "
+                f"{self.max_queue}); retry with backoff or add replicas"
+            )
         self._incoming += 1
         try:
             yield
@@ -183,6 +220,7 @@ class Batcher:
             batch = self._live(await self._next_batch())
             if not batch:
                 continue
+            started = time.monotonic()
             try:
                 results = await loop.run_in_executor(
                     self._executor, self._run_isolated, [j.payload for j in batch]
@@ -197,7 +235,14 @@ class Batcher:
                 results = [(False, e)] * len(batch)
             self.stats["batches"] += 1
             self.stats["jobs"] += len(batch)
-            self.stats["rows"] += sum(j.rows for j in batch)
+            rows = sum(j.rows for j in batch)
+            self.stats["rows"] += rows
+            if self.on_batch is not None:
+                try:
+                    waits = [started - j.queued_at for j in batch]
+                    self.on_batch(rows, len(batch), waits, time.monotonic() - started)
+                except Exception:  # a metrics hook must never fail the requests
+                    log.exception("on_batch hook failed")
             for job, (ok, value) in zip(batch, results, strict=True):
                 if job.future.done():
                     continue

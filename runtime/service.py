@@ -2,7 +2,13 @@
 
 Thin on purpose: preprocessing lives in runtime.preprocess, batching in runtime.batcher and the
 graph in runtime.engine. `InferenceModel` ties them together without any network so tests and
-benchmarks can drive it directly.
+benchmarks can drive it directly. `Frontend` is the transport-free request path (admission,
+preprocessing, queueing, metrics) that both the gRPC servicer here and the Ray Serve replicas
+(runtime.serve_ray) use.
+
+Hot-swap: every `Work` carries the model it was resolved against, and `run_works` runs each
+model's works with that model, so a request queued before a swap is answered by the model that
+accepted it while new requests go to the new one (`Frontend.swap`).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import numpy as np
 
 from protos.deepsurgery.v1 import inference_pb2 as pb
 from protos.deepsurgery.v1 import inference_pb2_grpc as pb_grpc
-from runtime.batcher import Batcher, DeadlineExpired
+from runtime.batcher import Batcher, DeadlineExpired, QueueFull
 from runtime.engine import Engine
 from runtime.manifest import ModelSpec
 from runtime.postprocess import prediction
@@ -32,22 +38,52 @@ class TaskNotFound(LookupError):
 
 @dataclass
 class Work:
-    """One request's share of a batch: its row, the tasks to run it for, and top_k."""
+    """One request's share of a batch: its row, the tasks to run it for, top_k, and the model
+    that resolved it (None: the caller's run_batch decides)."""
 
     row: np.ndarray
     task_indices: list[int]
     top_k: int
+    model: InferenceModel | None = None
+
+
+def run_works(works: list[Work]) -> list[list[pb.Prediction]]:
+    """The batcher's run_batch: ONE graph execution per model among the works (one, except
+    across a hot-swap), each answered by the model it was resolved against."""
+    models: dict[int, InferenceModel] = {}
+    groups: dict[int, list[int]] = {}
+    for i, w in enumerate(works):
+        models.setdefault(id(w.model), w.model)
+        groups.setdefault(id(w.model), []).append(i)
+    out: list = [None] * len(works)
+    for key, idx in groups.items():
+        results = models[key].run_batch([works[i] for i in idx])
+        for i, r in zip(idx, results, strict=True):
+            out[i] = r
+    return out
 
 
 class InferenceModel:
     """The request -> predictions path, minus the transport."""
 
-    def __init__(self, spec: ModelSpec, pre: Preprocessor, engine: Engine):
+    def __init__(
+        self, spec: ModelSpec, pre: Preprocessor, engine: Engine, version: int | None = None
+    ):
         self.spec = spec
         self.pre = pre
         self.engine = engine
+        self.version = version  # the numbered version dir it came from (None: a plain dir)
         self.names = [t.name for t in spec.tasks]
         self._index = {t.name: i for i, t in enumerate(spec.tasks)}
+        self._tasks_response = None
+
+    def label(self, task: str) -> str:
+        """The metrics label of a requested task: known names and "*" as-is, else "unknown"."""
+        return task if task == ALL_TASKS or task in self._index else "unknown"
+
+    def describe(self) -> str:
+        v = "" if self.version is None else f"version {self.version} "
+        return f"{v}{self.spec.root} ({len(self.names)} tasks: {','.join(self.names)})"
 
     def resolve(self, task: str, top_k: int) -> tuple[list[int], int]:
         """Task name or "*" -> task indices; top_k 0 -> 1. Raises TaskNotFound / InputError."""
@@ -95,69 +131,95 @@ class InferenceModel:
         return out
 
     def list_tasks(self) -> pb.ListTasksResponse:
-        return pb.ListTasksResponse(
-            modality=self.spec.modality,
-            tasks=[pb.TaskInfo(name=t.name, classes=list(t.classes)) for t in self.spec.tasks],
-        )
+        if self._tasks_response is None:
+            self._tasks_response = pb.ListTasksResponse(
+                modality=self.spec.modality,
+                tasks=[pb.TaskInfo(name=t.name, classes=list(t.classes)) for t in self.spec.tasks],
+            )
+        return self._tasks_response
 
 
-class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, model: InferenceModel, batcher: Batcher, pool: ThreadPoolExecutor):
+class Frontend:
+    """Admission, preprocessing, queueing and metrics of Predict, without any transport.
+
+    `predict(request, deadline)` -> (None, PredictResponse) or (grpc.StatusCode, message).
+    """
+
+    def __init__(
+        self, model: InferenceModel, batcher: Batcher, pool: ThreadPoolExecutor, metrics=None
+    ):
         self.model = model
         self.batcher = batcher
         self.pool = pool
-        self._tasks_response = model.list_tasks()
+        self.metrics = metrics
         self.draining = False
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        if metrics is not None:
+            metrics.in_flight.set_function(lambda: self._active)
+            metrics.watch_queue(lambda: self.batcher.waiting, batcher.max_queue)
+            metrics.set_model(model.version, str(model.spec.root), model.names)
+
+    def swap(self, model: InferenceModel) -> InferenceModel:
+        """Serve `model` from now on; requests already accepted finish on the old one."""
+        old, self.model = self.model, model
+        if self.metrics is not None:
+            self.metrics.set_model(model.version, str(model.spec.root), model.names)
+        return old
 
     async def drain(self, timeout: float | None) -> bool:
         """Refuse new Predicts (UNAVAILABLE) and wait for in-flight ones; False on timeout."""
         self.draining = True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return True
 
-    async def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
+    async def predict(self, request: pb.PredictRequest, deadline: float | None):
+        """(None, response) on success, else (status code, error message)."""
         if self.draining:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, "server is draining for shutdown; retry elsewhere"
+            return (
+                grpc.StatusCode.UNAVAILABLE,
+                "server is draining for shutdown; retry elsewhere",
             )
+        model = self.model  # the model this request is resolved against, swap or not
+        start = time.perf_counter()
         self._active += 1
         self._idle.clear()
         try:
-            code, message = await self._predict(request, context)
+            code, message = await self._predict(model, request, deadline)
         finally:
             self._active -= 1
             if self._active == 0:
                 self._idle.set()
-        if isinstance(message, pb.PredictResponse):
-            return message
-        await context.abort(code, message)
+        if self.metrics is not None:
+            name = "OK" if code is None else code.name
+            self.metrics.observe_request(
+                model.label(request.task), name, time.perf_counter() - start
+            )
+        return code, message
 
-    async def _predict(self, request, context):
-        """(None, response) on success, else (status code, error message)."""
+    async def _predict(self, model: InferenceModel, request, deadline):
         try:
-            indices, top_k = self.model.resolve(request.task, request.top_k)
+            indices, top_k = model.resolve(request.task, request.top_k)
         except TaskNotFound as e:
             return grpc.StatusCode.NOT_FOUND, str(e)
         except InputError as e:
             return grpc.StatusCode.INVALID_ARGUMENT, str(e)
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
         kind = request.input.WhichOneof("kind")
         value = getattr(request.input, kind) if kind else None
         loop = asyncio.get_running_loop()
         try:
             with self.batcher.expecting():
-                row = await loop.run_in_executor(self.pool, self.model.row, kind, value)
+                row = await loop.run_in_executor(self.pool, model.row, kind, value)
                 length = len(row) if row.ndim == 1 else 0  # text: tokens, padded per batch
-                work = Work(row, indices, top_k)
+                work = Work(row, indices, top_k, model)
                 future = self.batcher.submit(work, len(indices), deadline, length)
             predictions = await future
+        except QueueFull as e:
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
         except InputError as e:
             return grpc.StatusCode.INVALID_ARGUMENT, str(e)
         except DeadlineExpired:
@@ -166,5 +228,37 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             return grpc.StatusCode.INTERNAL, f"inference failed: {type(e).__name__}: {e}"
         return None, pb.PredictResponse(predictions=predictions)
 
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    """deepsurgery.v1.Inference over grpc.aio: the Frontend plus the call's deadline."""
+
+    def __init__(
+        self, model: InferenceModel, batcher: Batcher, pool: ThreadPoolExecutor, metrics=None
+    ):
+        self.frontend = Frontend(model, batcher, pool, metrics)
+        self.batcher = batcher
+
+    @property
+    def model(self) -> InferenceModel:
+        return self.frontend.model
+
+    @property
+    def draining(self) -> bool:
+        return self.frontend.draining
+
+    def swap(self, model: InferenceModel) -> InferenceModel:
+        return self.frontend.swap(model)
+
+    async def drain(self, timeout: float | None) -> bool:
+        return await self.frontend.drain(timeout)
+
+    async def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        code, message = await self.frontend.predict(request, deadline)
+        if code is None:
+            return message
+        await context.abort(code, message)
+
     async def ListTasks(self, request, context) -> pb.ListTasksResponse:
-        return self._tasks_response
+        return self.frontend.model.list_tasks()
