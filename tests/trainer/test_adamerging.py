@@ -4,9 +4,9 @@ import copy
 
 import torch
 
-from trainer.adamerging import MergeContext, _merged, adamerging
 from trainer.backbones import HFTextBackbone
-from trainer.merging import merge, mergeable, task_vectors
+from trainer.merging import MergeContext, merge, mergeable, task_vectors
+from trainer.merging.adamerging import _merged, adamerging
 from trainer.surgery.model import Heads
 
 TEXTS = [[f"first task text {i}" for i in range(8)], [f"second task row {i}" for i in range(8)]]
@@ -35,7 +35,7 @@ def _setup(tiny_bert_dir):
 def test_zero_iterations_is_task_arithmetic(tiny_bert_dir):
     base, experts, ctx = _setup(tiny_bert_dir)
     ada = adamerging(base, experts, context=ctx, iterations=0)
-    ta = merge("task_arithmetic", base, experts, lam=0.3)
+    ta = merge("task_arithmetic", base, experts, {"lam": 0.3})
     for k in base:
         torch.testing.assert_close(ada[k], ta[k])
 
@@ -67,7 +67,7 @@ def test_training_lowers_the_entropy(tiny_bert_dir):
                 total += -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1).mean().item()
         return total
 
-    before = entropy(merge("task_arithmetic", base, experts, lam=0.3))
+    before = entropy(merge("task_arithmetic", base, experts, {"lam": 0.3}))
     ctx.backbone.load_state_dict(base)
     learned = adamerging(base, experts, context=ctx, iterations=25, lr=0.05, batch_size=8)
     assert entropy(learned) < before

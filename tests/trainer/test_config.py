@@ -27,7 +27,7 @@ def test_set_overrides_and_type_checks():
         "demo", ["finetune.steps=7", "surgery.loss=mse", "merge.task_arithmetic.lam=0.5"]
     )
     assert cfg.finetune.steps == 7 and cfg.surgery.loss == "mse"
-    assert cfg.merge.task_arithmetic == {"lam": 0.5}
+    assert cfg.merge.hparams("task_arithmetic") == {"lam": 0.5}
     with pytest.raises(UserError, match="must be an integer"):
         load_config("demo", ["finetune.steps=many"])
     with pytest.raises(UserError, match="merge.task_arithmetic.lambda"):
@@ -43,6 +43,10 @@ def test_set_overrides_and_type_checks():
         ("surgery.unlabeled_fraction=0", r"unlabeled_fraction must be in \(0, 1\]"),
         ("surgery.unlabeled_fraction=1.5", r"unlabeled_fraction must be in \(0, 1\]"),
         ("merge.methods=['magic']", "unknown merge method"),
+        ("merge.ties_merging.k=101", r"merge.ties_merging.k' = 101.0 is out of range"),
+        ("output.bundle='ties/none'", "output.bundle 'ties/none' is not a row this config runs"),
+        # the demo repairs only task_arithmetic: no ties_merging/surgeryv2 row exists
+        ("output.bundle='ties_merging/surgeryv2'", "one of: .*task_arithmetic/surgeryv2"),
     ],
 )
 def test_bad_surgery_and_merge_settings(override, message):
@@ -53,3 +57,8 @@ def test_bad_surgery_and_merge_settings(override, message):
 def test_unknown_config_name():
     with pytest.raises(UserError, match="shipped configs: .*text-bench"):
         load_config("no-such-config")
+
+
+def test_bundle_choice_of_a_row_that_runs_is_accepted():
+    cfg = load_config("demo", ["output.bundle='ties_merging/none'"])
+    assert cfg.output.bundle == "ties_merging/none"

@@ -9,7 +9,8 @@ from trainer.backbones import HFTextBackbone
 from trainer.config import FinetuneConfig
 from trainer.data.tasks import load_task
 from trainer.errors import UserError
-from trainer.experts import check_compatible, get_expert
+from trainer.experts.checkpoints import check_compatible
+from trainer.experts.expert import get_expert
 
 
 @pytest.fixture
@@ -23,7 +24,15 @@ def setup(tiny_bert_dir, text_tasks):
 def _get(setup, cache, cfg=None):
     base, state, task = setup
     cfg = cfg or FinetuneConfig(steps=4, batch_size=8, lr=1e-3)
-    return get_expert(task, "", base, state, cfg, cache, {"k": 1}, torch.device("cpu"))
+    return get_expert(
+        task,
+        checkpoint="",
+        base=base,
+        base_state=state,
+        finetune=cfg,
+        cache_dir=cache,
+        device=torch.device("cpu"),
+    )
 
 
 def test_finetune_changes_weights_and_is_cached(setup, tmp_path):

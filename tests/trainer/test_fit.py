@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import REPO
-from trainer.results.bundle import load_bundle
-from trainer.fit import main
 from modeldir import sha256_file
+from tests.conftest import REPO
+from trainer.fit import main
+from trainer.results.bundle import load_bundle
 
 
 def _run(config, tmp_path, *extra):

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.config import load_config
+from trainer.backbones import OpenClipViTBackbone
+from trainer.config import FinetuneConfig, load_config
+from trainer.data.tasks import load_task
 from trainer.errors import UserError
-from trainer.experts import augment_images, train_classifier
+from trainer.experts.finetune import augment_images, train_classifier
 from trainer.fit import main
 
 
@@ -157,10 +159,6 @@ def test_augment_images_is_seeded_and_shape_preserving():
 
 
 def test_train_classifier_gives_one_head_per_task(tmp_path):
-    from trainer.backbones import OpenClipViTBackbone
-    from trainer.config import FinetuneConfig
-    from trainer.data.tasks import load_task
-
     _colour_npz(tmp_path / "a.npz", ["r", "g", "b"], 16, 8, 0)
     _colour_npz(tmp_path / "b.npz", ["r", "g", "b", "x", "y"], 16, 8, 1)
     tasks = [load_task(n, str(tmp_path / f"{n}.npz"), tmp_path) for n in ("a", "b")]

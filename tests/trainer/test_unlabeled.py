@@ -4,8 +4,8 @@ import pytest
 
 from trainer.config import load_config
 from trainer.data.tasks import load_task
-from trainer.errors import UserError
 from trainer.data.unlabeled import unlabeled_inputs
+from trainer.errors import UserError
 
 
 @pytest.fixture

@@ -1,0 +1,90 @@
+"""The Experiment: models own their weights, and nothing label-dependent reaches surgery or
+data-driven merging."""
+
+import json
+import shutil
+
+import numpy as np
+import torch
+
+from trainer.config import load_config
+from trainer.data.unlabeled import unlabeled_inputs
+from trainer.pipeline import prepare
+
+
+def _prepare(config_path, data, cache, *overrides):
+    config = load_config(str(config_path), list(overrides))
+    return prepare(config, data_root=data, cache=cache, device=torch.device("cpu"))
+
+
+def _permute_test_labels(src, dst, seed):
+    """A copy of the task folders whose test rows carry shuffled labels (same inputs)."""
+    shutil.copytree(src, dst)
+    rng = np.random.default_rng(seed)
+    for task in dst.iterdir():
+        rows = [json.loads(x) for x in (task / "test.jsonl").read_text().splitlines()]
+        labels = rng.permutation([r["label"] for r in rows])
+        (task / "test.jsonl").write_text(
+            "".join(
+                json.dumps({"text": r["text"], "label": int(y)}) + "\n"
+                for r, y in zip(rows, labels)
+            )
+        )
+    return dst
+
+
+def test_surgery_and_adamerging_never_read_labels(tiny_config, text_tasks, tmp_path):
+    """Surgery learns from the test inputs: with the test LABELS permuted (same inputs), the
+    trained adapters and AdaMerging's merge must be bit-identical. A leak of labels into
+    either would break the equality (checked by injecting one)."""
+    permuted = _permute_test_labels(text_tasks, tmp_path / "permuted", seed=5)
+    runs = []
+    for data in (text_tasks, permuted):
+        exp = _prepare(
+            tiny_config,
+            data,
+            tmp_path / "cache",
+            "merge.methods=['adamerging']",
+            "surgery.methods=[]",
+            "merge.adamerging.iterations=3",
+        )
+        for pool, task in zip(exp.unlabeled, exp.tasks):  # what surgery is handed: inputs only
+            assert pool == list(task.test.inputs) and all(isinstance(x, str) for x in pool)
+        merged, _ = exp.merged("adamerging")
+        model = exp.model(merged, "surgeryv2")
+        exp.surgery(model, iterations=4)
+        labels = [t.test.labels for t in exp.tasks]
+        runs.append((labels, merged, [p.detach().clone() for p in model.adapter_parameters()]))
+    (labels_a, merged_a, adapters_a), (labels_b, merged_b, adapters_b) = runs
+    assert all((a != b).any() for a, b in zip(labels_a, labels_b))  # labels really differ
+    for key in merged_a:
+        assert torch.equal(merged_a[key], merged_b[key]), key
+    for a, b in zip(adapters_a, adapters_b, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_unlabeled_inputs_hand_over_no_labels(tiny_config, text_tasks, tmp_path):
+    exp = _prepare(tiny_config, text_tasks, tmp_path / "cache")
+    pools = unlabeled_inputs(exp.config, exp.tasks, text_tasks)
+    assert [len(p) for p in pools] == [len(t.test) for t in exp.tasks]
+    assert all(isinstance(x, str) for pool in pools for x in pool)
+
+
+def test_every_model_owns_its_weights(tiny_config, text_tasks, tmp_path):
+    """No call order can change a model already built: each holds its own backbone copy."""
+    exp = _prepare(tiny_config, text_tasks, tmp_path / "cache")
+    base_before = {k: v.clone() for k, v in exp.base_state.items()}
+    ta, _ = exp.merged("task_arithmetic")
+    first = exp.model(ta, "surgeryv2")
+    snapshot = {k: v.clone() for k, v in first.state_dict().items()}
+    wa, _ = exp.merged("weight_averaging")
+    second = exp.model(wa, "none")
+    exp.surgery(exp.model(wa, "surgeryv2"), iterations=2)
+    exp.multitask_model()
+    exp.expert_targets([list(t.test.inputs)[:4] for t in exp.tasks], "check")
+    assert first.backbone is not second.backbone and first.heads is not second.heads
+    for key, value in first.state_dict().items():
+        assert torch.equal(value, snapshot[key]), key
+    for key, value in exp.base_state.items():
+        assert torch.equal(value, base_before[key]), key
+    assert any(not torch.equal(v, wa[k]) for k, v in ta.items())
