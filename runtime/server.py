@@ -205,18 +205,22 @@ def load_model(args: argparse.Namespace) -> InferenceModel:
 async def start(args: argparse.Namespace, model: InferenceModel | None = None) -> Runtime:
     """Load the model (unless given), bind, start, and mark SERVING."""
     check_args(args)
-    versions = make_versions(args)
-    if model is None:
-        model = await asyncio.to_thread(versions.initial)
-    else:
-        versions.adopt(model, Candidate(model.version, model.spec.root))
     metrics = metrics_port = None
-    if args.metrics_port is not None:
+    if args.metrics_port is not None:  # bound first: a taken port fails before any loading
         from runtime.metrics import Metrics
 
         metrics = Metrics()
-        host = args.metrics_host or args.host
-        metrics_port = metrics.serve(host, args.metrics_port)
+        metrics_port = metrics.serve(args.metrics_host or args.host, args.metrics_port)
+    versions = make_versions(args)
+    try:
+        if model is None:
+            model = await asyncio.to_thread(versions.initial)
+        else:
+            versions.adopt(model, Candidate(model.version, model.spec.root))
+    except BaseException:
+        if metrics is not None:
+            metrics.close()
+        raise
     token = read_token(args.token_file) if args.token_file else None
     max_bytes = int(args.max_message_mb * 1024 * 1024)
     options = [
