@@ -140,12 +140,14 @@ class Analysis:
         self.device = resolve_device(args.device)
         cache = Path(args.cache or os.environ.get("DEEPSURGERY_CACHE") or "runs/cache")
         self.out = Path(args.out)
-        self.prep = prepare(config, data_root=data_root(args), cache=cache, device=self.device)
-        self.names = self.prep.names
+        self.experiment = prepare(
+            config, data_root=data_root(args), cache=cache, device=self.device
+        )
+        self.names = self.experiment.names
         self.eval_rows = self._eval_rows(args.eval_limit)
-        self.merged_state, self.hparams = self.prep.merged(METHOD)
+        self.merged_state, self.hparams = self.experiment.merged(METHOD)
         self.individual = self._individual()
-        self.merged = self.score(self.prep.model(self.merged_state), METHOD)
+        self.merged = self.score(self.experiment.model(self.merged_state), METHOD)
 
     @property
     def iterations(self) -> int:
@@ -157,32 +159,32 @@ class Analysis:
             return None
         rng = np.random.default_rng(self.config.seed)
         rows = []
-        for task in self.prep.tasks:
+        for task in self.experiment.tasks:
             n = len(task.test)
             rows.append(np.sort(rng.choice(n, limit, replace=False)) if limit < n else np.arange(n))
         return rows
 
     def _individual(self) -> dict:
         """The experts' accuracy on the eval subset, from their cached representations."""
-        return row(self.prep.individual_accuracy(self.eval_rows))
+        return row(self.experiment.individual_accuracy(self.eval_rows))
 
     def score(self, model, label: str) -> dict:
         """``{"acc": {task: accuracy}, "avg": mean}`` on the eval subset."""
-        acc, _ = self.prep.evaluate(model, label, self.eval_rows)
+        acc, _ = self.experiment.evaluate(model, label, self.eval_rows)
         return row(acc)
 
     def surgery(self, mode: str, rank: int | None = None, **kwargs):
         """A fresh model on the merged backbone with ``mode`` adapters, trained; -> (model,
         SurgeryResult). ``kwargs`` go to ``Experiment.surgery`` (unlabeled, targets, callback,
         iterations, ...); iterations default to ``--iterations`` or the config's."""
-        model = self.prep.model(self.merged_state, mode, rank)
+        model = self.experiment.model(self.merged_state, mode, rank)
         kwargs.setdefault("iterations", self.iterations)
-        return model, self.prep.surgery(model, **kwargs)
+        return model, self.experiment.surgery(model, **kwargs)
 
     def expert_targets(self, pool: list, desc: str, skip: dict | None = None) -> list:
         """Every expert's representations (``Targets``) of the same inputs ``pool``;
         ``skip[t]`` supplies task t's ready-made targets instead of recomputing them."""
-        return self.prep.expert_targets([pool] * len(self.names), desc, skip)
+        return self.experiment.expert_targets([pool] * len(self.names), desc, skip)
 
     def result(self, **fields) -> dict:
         """The JSON fields every analysis records, then its own ``fields``."""
@@ -200,11 +202,11 @@ class Analysis:
             "eval_limit": self.args.eval_limit,
             "eval_rows": {
                 t.name: len(t.test) if self.eval_rows is None else len(self.eval_rows[i])
-                for i, t in enumerate(self.prep.tasks)
+                for i, t in enumerate(self.experiment.tasks)
             },
             "reference": {"individual": self.individual, METHOD: self.merged},
             **fields,
-            "prepare_s": self.prep.timing,
+            "prepare_s": self.experiment.timing,
             "total_seconds": round(time.perf_counter() - self.started, 1),
         }
 

@@ -50,19 +50,19 @@ def run(args) -> dict:
         )
 
     a = Analysis(NAME, args, config)
-    prep, seed = a.prep, config.surgery.seed
+    experiment, seed = a.experiment, config.surgery.seed
     # one seeded order per task: a fraction keeps its first rows, so 1% ⊂ 10% ⊂ 100%
     orders = [
         np.random.default_rng([seed, t]).permutation(len(pool))
-        for t, pool in enumerate(prep.unlabeled)
+        for t, pool in enumerate(experiment.unlabeled)
     ]
     rows = []
     for fraction in fractions:
         unlabeled, targets, sizes = [], [], {}
-        for t, pool in enumerate(prep.unlabeled):
+        for t, pool in enumerate(experiment.unlabeled):
             keep = np.sort(orders[t][: max(1, round(len(pool) * fraction))])
             unlabeled.append([pool[i] for i in keep])
-            targets.append(prep.train_targets[t].take(torch.as_tensor(keep)))
+            targets.append(experiment.train_targets[t].take(torch.as_tensor(keep)))
             sizes[a.names[t]] = len(keep)
         model, result = a.surgery(args.mode, unlabeled=unlabeled, targets=targets)
         scored = a.score(model, f"{MODE_LABELS[args.mode]} {fraction:g}")
@@ -84,7 +84,7 @@ def run(args) -> dict:
     data = a.result(
         mode=args.mode,
         fractions=fractions,
-        pool_rows={n: len(p) for n, p in zip(a.names, prep.unlabeled)},
+        pool_rows={n: len(p) for n, p in zip(a.names, experiment.unlabeled)},
         rows=rows,
         summary=summary,
     )

@@ -102,7 +102,7 @@ def run(args) -> dict:
     wild = read_wild_pools(args, config)
 
     a = Analysis(NAME, args, config)
-    prep, seed, limit = a.prep, config.surgery.seed, args.wild_limit
+    experiment, seed, limit = a.experiment, config.surgery.seed, args.wild_limit
     sources = list(a.names) if sources is None else sources
     _check_sources(sources, a.names)
 
@@ -110,10 +110,10 @@ def run(args) -> dict:
     plans = [(config.surgery.unlabeled, "own", None, None, None)]
     for name in sources:
         s = a.names.index(name)
-        inputs = prep.tasks[s].test.inputs
+        inputs = experiment.tasks[s].test.inputs
         keep = subset(len(inputs), limit or len(inputs), seed)
         pool = [inputs[i] for i in keep]
-        own = {s: prep.test_targets[s].take(torch.as_tensor(keep))}  # already computed
+        own = {s: experiment.test_targets[s].take(torch.as_tensor(keep))}  # already computed
         plans.append((f"task:{name}", "task", name, pool, own))
     for label, items in wild.items():
         keep = subset(len(items), limit or len(items), seed)
@@ -123,7 +123,7 @@ def run(args) -> dict:
     for label, kind, in_domain, pool, known_targets in plans:
         if pool is None:  # the config's own unlabeled data and targets
             unlabeled, targets = None, None
-            sizes = {n: len(u) for n, u in zip(a.names, prep.unlabeled)}
+            sizes = {n: len(u) for n, u in zip(a.names, experiment.unlabeled)}
         else:
             targets = a.expert_targets(pool, label, skip=known_targets)
             unlabeled = [pool] * len(a.names)

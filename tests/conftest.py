@@ -20,6 +20,7 @@ SHARED_DATA = Path(os.environ.get("DEEPSURGERY_DATA", REPO.parent / "shared" / "
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """A 2-block, 32-wide BERT with MiniLM's tokenizer and seeded random weights."""
+    # imported here, not at the top: the runtime's tests run without torch or the trainer
     import torch
     from transformers import BertConfig, BertModel
 

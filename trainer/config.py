@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modeldir import ALL_TASKS
+
 from .errors import UserError
 from .merging import METHODS, get_method
 from .surgery.model import SURGERY_MODES
@@ -292,6 +294,11 @@ def validate(config: Config) -> None:
     for i, task in enumerate(config.tasks):
         if not task.name:
             raise UserError(f"tasks[{i}] has no name")
+        if task.name == ALL_TASKS:
+            raise UserError(
+                f"tasks[{i}] is named '{ALL_TASKS}', which requests every task at serving time; "
+                "rename the task"
+            )
         if not task.path:
             raise UserError(f"task '{task.name}' has no path (a data folder or .npz file)")
     dup = {n for n in names if names.count(n) > 1}

@@ -51,8 +51,8 @@ class PlainProgress:
         done = f"{self.count}/{self.total}" if self.total else str(self.count)
         share = f" ({100 * self.count / self.total:.0f}%)" if self.total else ""
         tail = f" {self.postfix}" if self.postfix else ""
-        state = "done in" if final else ""
-        log.info("%s: %s %s%s %s %.1f s%s", self.desc, done, self.unit, share, state, elapsed, tail)
+        state = "done in " if final else ""
+        log.info("%s: %s %s%s %s%.1f s%s", self.desc, done, self.unit, share, state, elapsed, tail)
 
     def set_postfix(self, **values) -> None:
         self.postfix = " ".join(f"{k}={v}" for k, v in values.items())

@@ -7,6 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from trainer.backbones import HFTextBackbone, OpenClipViTBackbone
+from trainer.results.bundle import write_bundle
+from trainer.surgery.model import Heads, MultiTaskModel
+
 TASKS = {
     "animals": ["cat", "dog"],
     "colours": ["red", "green", "blue"],
@@ -17,9 +21,6 @@ TINY_VIT = {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_w
 
 def build_model(kind: str, mode: str, bert_dir: Path, seed: int = 0):
     """A MultiTaskModel on a tiny backbone with random heads and adapters (seeded)."""
-    from trainer.backbones import HFTextBackbone, OpenClipViTBackbone
-    from trainer.surgery.model import Heads, MultiTaskModel
-
     if kind == "text":
         backbone = HFTextBackbone(bert_dir, max_length=16)
     else:
@@ -43,8 +44,6 @@ def build_model(kind: str, mode: str, bert_dir: Path, seed: int = 0):
 @pytest.fixture(scope="session")
 def make_bundle(tmp_path_factory, tiny_bert_dir):
     """make_bundle(kind, mode) -> a read-only bundle dir at <tmp>/runs/<kind>-<mode>/bundle."""
-    from trainer.results.bundle import write_bundle
-
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("export-runs")
     cache: dict[tuple[str, str], Path] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 
 import numpy as np
 import onnx
@@ -12,8 +13,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from export import graph as export_graph
 from export import onnx as export_onnx
 from modeldir import sha256_file
+from trainer.errors import UserError
 from trainer.results.bundle import load_bundle
 
 CPU = ["CPUExecutionProvider"]
@@ -277,11 +280,6 @@ def test_fp16_op_without_kernel(make_bundle, tmp_path, monkeypatch, capsys):
 
 def test_onnxruntime_crash_on_fp16_graph_is_an_error(tmp_path, monkeypatch):
     """A graph that segfaults onnxruntime is probed in a child process, never in the export."""
-    import subprocess
-
-    from export import graph
-    from trainer.errors import UserError
-
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, -11))
     with pytest.raises(UserError, match="crashes .*--precision fp32"):
-        graph.cpu_session(tmp_path / "model.onnx", precision="fp16")
+        export_graph.cpu_session(tmp_path / "model.onnx", precision="fp16")

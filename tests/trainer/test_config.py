@@ -62,3 +62,10 @@ def test_unknown_config_name():
 def test_bundle_choice_of_a_row_that_runs_is_accepted():
     cfg = load_config("demo", ["output.bundle='ties_merging/none'"])
     assert cfg.output.bundle == "ties_merging/none"
+
+
+def test_a_task_named_star_is_refused(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[[tasks]]\nname = "*"\npath = "x"\n')
+    with pytest.raises(UserError, match="tasks\\[0\\] is named '\\*'"):
+        load_config(str(path))
