@@ -119,7 +119,7 @@ def main(argv=None) -> None:
                 if how == "cached" and frozen is not None:
                     # v1 as train_surgery runs it: no tokenisation, no backbone pass at all
                     out = model.final_adapter(
-                        0, frozen[t][rows_].to(device), model.final_adapter.unit_mask(ids)
+                        0, frozen[t][rows_].to(device), model.final_adapter.route(ids)
                     )
                     loss = torch.nn.functional.l1_loss(out, cached[t].final[rows_].to(device))
                     loss.backward()

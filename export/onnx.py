@@ -138,6 +138,7 @@ def task_subset(model: MultiTaskModel, indices: list[int]) -> MultiTaskModel:
         [model.task_names[t] for t in indices],
         mode=model.mode,
         rank=model.rank,
+        branch_block=model.branch_block,
     )
     with torch.no_grad():
         for name in ("block_adapters", "final_adapter"):

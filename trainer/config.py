@@ -108,6 +108,9 @@ class SurgeryConfig:
     # merge methods to run surgery for; empty = every one of merge.methods
     methods: list = field(default_factory=list)
     rank: int = 16
+    # SurgeryV2 adapters only after blocks k+1..L: blocks 1..k are shared by every task (a
+    # request for all tasks computes them once). 0 = the paper's SurgeryV2, L = Surgery.
+    branch_block: int = 0
     loss: str = "l1"
     iterations: int = 200
     batch_size: int = 16
@@ -321,6 +324,8 @@ def validate(config: Config) -> None:
         raise UserError(f"unknown surgery.loss '{sc.loss}'; valid: {', '.join(LOSSES)}")
     if sc.rank < 1:
         raise UserError(f"surgery.rank must be >= 1, got {sc.rank}")
+    if sc.branch_block < 0:
+        raise UserError(f"surgery.branch_block must be >= 0, got {sc.branch_block}")
     if not 0.0 < sc.unlabeled_fraction <= 1.0:
         raise UserError(
             f"surgery.unlabeled_fraction must be in (0, 1], got {sc.unlabeled_fraction}"

@@ -107,15 +107,24 @@ class Experiment:
         state = merge(method, self.base_state, [e.state for e in self.experts], hparams, context)
         return state, hparams
 
-    def model(self, state: StateDict, mode: str = "none", rank: int | None = None):
-        """A new MultiTaskModel owning a copy of ``state``, with fresh adapters for ``mode``."""
+    def model(
+        self,
+        state: StateDict,
+        mode: str = "none",
+        rank: int | None = None,
+        branch_block: int | None = None,
+    ) -> MultiTaskModel:
+        """A new MultiTaskModel owning a copy of ``state``, with fresh adapters for ``mode``
+        (rank and branch block: the config's unless given)."""
+        sc = self.config.surgery
         return MultiTaskModel(
             self.backbone(state),
             copy.deepcopy(self.heads),
             self.names,
             mode,
-            rank or self.config.surgery.rank,
+            rank or sc.rank,
             self.config.seed,
+            sc.branch_block if branch_block is None else branch_block,
         ).to(self.device)
 
     def surgery(
@@ -243,6 +252,11 @@ def prepare(config: Config, *, data_root: Path, cache: Path, device: torch.devic
         raise UserError(
             f"surgery.rank {sc.rank} exceeds the backbone width "
             f"{min(base.width, base.feature_dim)}; use a rank in 1..{base.width}"
+        )
+    if sc.branch_block > base.num_blocks:
+        raise UserError(
+            f"surgery.branch_block {sc.branch_block} exceeds the backbone's {base.num_blocks} "
+            f"blocks; use 0..{base.num_blocks} (0 = adapters after every block)"
         )
     log.info(
         "%d tasks (%s) on %s, device %s",

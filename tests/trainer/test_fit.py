@@ -130,3 +130,21 @@ def test_cli_module_exit_code():
         cwd=REPO,
     )
     assert proc.returncode == 2 and proc.stderr.startswith("error: unknown config 'nope'")
+
+
+def test_branch_block_reaches_the_bundle(tiny_config, tmp_path):
+    assert (
+        _run(
+            tiny_config,
+            tmp_path,
+            "--set",
+            "surgery.branch_block=1",
+            "--set",
+            "output.bundle='task_arithmetic/surgeryv2'",
+        )
+        == 0
+    )
+    manifest = json.loads((tmp_path / "out" / "bundle" / "manifest.json").read_text())
+    assert manifest["surgery"] == {"mode": "surgeryv2", "rank": 4, "branch_block": 1}
+    model, _ = load_bundle(tmp_path / "out" / "bundle")
+    assert model.branch_block == 1 and model.block_adapters.down.shape[0] == 1

@@ -2,7 +2,7 @@
 
 import torch
 
-from trainer.backbones import HFTextBackbone
+from trainer.backbones import HFTextBackbone, OpenClipViTBackbone
 from trainer.surgery.adapters import Adapters
 from trainer.surgery.model import PAD_LOGIT, Heads, MultiTaskModel
 
@@ -45,7 +45,7 @@ def test_adapter_formula_and_task_isolation():
         adapters.up.normal_()
     x = torch.randn(3, 4)
     ids = torch.tensor([2, 0, 1])
-    out = adapters(0, x, adapters.unit_mask(ids))
+    out = adapters(0, x, adapters.route(ids))
     for row, t in enumerate(ids.tolist()):
         down, up = adapters.down[0, t], adapters.up[0, t]
         expected = x[row] - up @ torch.relu(down @ x[row])
@@ -61,3 +61,81 @@ def test_heads_pad_columns():
     logits = heads(torch.ones(2, 4), torch.tensor([0, 1]))
     assert logits.shape == (2, 3)
     assert logits[0, 2] == PAD_LOGIT and logits[1, 2] == 4.0
+
+
+def test_gather_form_equals_masked_form_values_and_gradients():
+    torch.manual_seed(0)
+    for shape in ((5, 8), (5, 3, 8)):  # pooled [B, D] and tokens [B, N, D]
+        masked = Adapters(positions=2, num_tasks=4, rank=3, dim=8, seed=1)
+        with torch.no_grad():
+            masked.up.normal_()
+        gather = Adapters(positions=2, num_tasks=4, rank=3, dim=8, seed=1, form="gather")
+        gather.load_state_dict(masked.state_dict())
+        x, ids = torch.randn(*shape), torch.tensor([3, 0, 3, 1, 2])
+        a, b = masked(1, x, masked.route(ids)), gather(1, x, gather.route(ids))
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+        a.square().sum().backward()
+        b.square().sum().backward()
+        torch.testing.assert_close(masked.down.grad, gather.down.grad, atol=1e-5, rtol=0)
+        torch.testing.assert_close(masked.up.grad, gather.up.grad, atol=1e-5, rtol=0)
+
+
+def _randomise(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.adapter_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def test_branch_block_places_adapters_after_blocks_k_plus_1_to_L(tiny_bert_dir):
+    plain = _model(tiny_bert_dir, "none")
+    for k, positions in ((0, 2), (1, 1), (2, 0)):
+        model = MultiTaskModel(plain.backbone, plain.heads, ["a", "b"], "surgeryv2", 4, 0, k)
+        assert model.shared_blocks == (2 if k == 2 else k)
+        got = 0 if model.block_adapters is None else model.block_adapters.down.shape[0]
+        assert got == positions
+    # k = L keeps only the final adapter: the same model as Surgery
+    full = _randomise(MultiTaskModel(plain.backbone, plain.heads, ["a", "b"], "surgeryv2", 4, 0, 2))
+    v1 = MultiTaskModel(plain.backbone, plain.heads, ["a", "b"], "surgery", 4)
+    v1.load_state_dict(full.state_dict())
+    batch, ids = plain.backbone.collate(["one text", "two words here"]), torch.tensor([1, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(full(batch, ids), v1(batch, ids))
+
+
+@torch.no_grad()
+def test_rows_of_repeated_inputs_fan_out_after_the_shared_blocks(tiny_bert_dir):
+    """forward(distinct inputs, task_ids, input_index) == forward(every row's own input)."""
+    plain = _model(tiny_bert_dir, "none")
+    texts = ["alpha beta", "gamma delta epsilon zeta", "eta"]
+    index = torch.tensor([2, 0, 0, 1, 2, 0])  # repeated inputs, tasks mixed
+    ids = torch.tensor([0, 0, 1, 1, 1, 0])
+    distinct = plain.backbone.collate(texts)
+    expanded = plain.backbone.collate([texts[i] for i in index])
+    for mode, k in (("none", 0), ("surgery", 0), ("surgeryv2", 0), ("surgeryv2", 1)):
+        model = MultiTaskModel(plain.backbone, plain.heads, ["a", "b"], mode, 4, 0, k)
+        _randomise(model)
+        for form in ("masked", "gather"):
+            model.set_adapter_form(form)
+            want = model(expanded, ids)
+            torch.testing.assert_close(model(distinct, ids, index), want, atol=1e-5, rtol=0)
+            final, means = model.representations(distinct, ids, True, index)
+            ref_final, ref_means = model.representations(expanded, ids, True)
+            torch.testing.assert_close(final, ref_final, atol=1e-5, rtol=0)
+            for a, b in zip(means, ref_means, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_fan_out_on_a_vit():
+    backbone = OpenClipViTBackbone(
+        vision_cfg={"image_size": 16, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16},
+        embed_dim=32,
+    )
+    heads = Heads([torch.randn(2, 32), torch.randn(3, 32)], [torch.randn(2), torch.randn(3)], True)
+    model = _randomise(MultiTaskModel(backbone, heads, ["a", "b"], "surgeryv2", 4, 0, 1))
+    images = torch.randn(2, 3, 16, 16)
+    index, ids = torch.tensor([1, 1, 0]), torch.tensor([0, 1, 1])
+    want = model({"pixel_values": images[index]}, ids)
+    torch.testing.assert_close(model({"pixel_values": images}, ids, index), want, atol=1e-5, rtol=0)

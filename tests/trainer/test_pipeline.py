@@ -5,10 +5,12 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 import torch
 
 from trainer.config import load_config
 from trainer.data.unlabeled import unlabeled_inputs
+from trainer.errors import UserError
 from trainer.pipeline import prepare
 
 
@@ -88,3 +90,12 @@ def test_every_model_owns_its_weights(tiny_config, text_tasks, tmp_path):
     for key, value in exp.base_state.items():
         assert torch.equal(value, base_before[key]), key
     assert any(not torch.equal(v, wa[k]) for k, v in ta.items())
+
+
+def test_branch_block_beyond_the_backbone_is_refused(tiny_config, text_tasks, tmp_path):
+    with pytest.raises(UserError, match="surgery.branch_block 3 exceeds the backbone's 2 blocks"):
+        _prepare(tiny_config, text_tasks, tmp_path / "cache", "surgery.branch_block=3")
+    exp = _prepare(tiny_config, text_tasks, tmp_path / "cache", "surgery.branch_block=1")
+    ta, _ = exp.merged("task_arithmetic")
+    model = exp.model(ta, "surgeryv2")
+    assert model.branch_block == 1 and model.block_adapters.down.shape[0] == 1

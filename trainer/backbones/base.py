@@ -47,19 +47,38 @@ class Backbone(nn.Module):
         batch: dict[str, torch.Tensor],
         after_block: AfterBlock | None = None,
         block_means: bool = False,
+        fan_out: tuple[int, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """THE block-wise forward pass: embed, every block (each followed by ``after_block``,
-        e.g. the surgery adapters), pool. -> (final representation [B, feature_dim], the
-        token-mean [B, width] of every block's output when ``block_means``, else [])."""
+        e.g. the surgery adapters), pool. -> (final representation [R, feature_dim], the
+        token-mean [R, width] of every block's output when ``block_means``, else []).
+
+        ``fan_out = (k, rows)``: ``batch`` holds N distinct inputs, and output row r is input
+        ``rows[r]`` ([R] int64). Embedding and blocks 0..k-1 run once per distinct input; the
+        hidden states fan out to the R rows before block k (k = num_blocks: after pooling).
+        Without it, row r is input r.
+        """
         hidden, ctx = self.embed(batch)
-        means = []
+        means: list[torch.Tensor] = []
         for index in range(self.num_blocks):
+            if fan_out is not None and index == fan_out[0]:
+                rows = fan_out[1]
+                hidden, ctx = hidden[rows], self.select_context(ctx, rows)
+                means = [m[rows] for m in means]
             hidden = self.block(index, hidden, ctx)
             if after_block is not None:
                 hidden = after_block(index, hidden)
             if block_means:
                 means.append(self.token_mean(hidden, ctx))
-        return self.pool(hidden, ctx), means
+        final = self.pool(hidden, ctx)
+        if fan_out is not None and fan_out[0] >= self.num_blocks:
+            rows = fan_out[1]
+            final, means = final[rows], [m[rows] for m in means]
+        return final, means
+
+    def select_context(self, ctx: dict, rows: torch.Tensor) -> dict:
+        """The block context of the inputs ``rows`` (every entry is indexed by input on dim 0)."""
+        return {k: v[rows] for k, v in ctx.items()}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Input tensors -> final representation [B, feature_dim]."""

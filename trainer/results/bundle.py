@@ -60,7 +60,11 @@ def write_bundle(
             "preprocessing": model.backbone.preprocessing(),
             "tasks": tasks,
             "heads": {"normalize": model.heads.normalize},
-            "surgery": {"mode": model.mode, "rank": model.rank},
+            "surgery": {
+                "mode": model.mode,
+                "rank": model.rank,
+                "branch_block": model.branch_block,
+            },
             "assets": assets,
             "sha256": {name: sha256_file(tmp / name) for name in files},
             **info,
@@ -123,6 +127,7 @@ def load_bundle(directory: Path) -> tuple[MultiTaskModel, dict]:
         [t.name for t in tasks],
         mode=manifest["surgery"]["mode"],
         rank=manifest["surgery"]["rank"],
+        branch_block=manifest["surgery"].get("branch_block", 0),  # bundles before the knob: 0
     )
     state = {f"backbone.{k}": v for k, v in load_file(str(directory / WEIGHTS[0])).items()}
     state.update(task_state)

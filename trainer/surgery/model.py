@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import Backbone
-from .adapters import Adapters
+from .adapters import ADAPTER_FORMS, Adapters
 
 SURGERY_MODES = ("none", "surgery", "surgeryv2")
 PAD_LOGIT = -1e4  # value of a task's padding logit columns (fits fp16)
@@ -60,21 +60,49 @@ class MultiTaskModel(nn.Module):
         mode: str = "none",
         rank: int = 16,
         seed: int = 0,
+        branch_block: int = 0,
+        adapter_form: str = "masked",
     ):
+        """``branch_block`` k: SurgeryV2 adapters only after blocks k+1..L (1-based), so blocks
+        1..k are shared by every task (k = 0: the paper's SurgeryV2; k = L: Surgery)."""
         super().__init__()
         if mode not in SURGERY_MODES:
             raise ValueError(f"unknown surgery mode '{mode}'; valid: {', '.join(SURGERY_MODES)}")
+        if not 0 <= branch_block <= backbone.num_blocks:
+            raise ValueError(
+                f"branch_block {branch_block} must be in 0..{backbone.num_blocks} (the blocks)"
+            )
         self.backbone, self.heads = backbone, heads
         self.task_names, self.mode, self.rank = list(task_names), mode, rank
+        self.branch_block = branch_block if mode == "surgeryv2" else 0
         num_tasks = len(task_names)
         self.block_adapters = None
         self.final_adapter = None
-        if mode == "surgeryv2":
+        adapted = backbone.num_blocks - self.branch_block
+        if mode == "surgeryv2" and adapted > 0:  # position p adapts block branch_block + p
             self.block_adapters = Adapters(
-                backbone.num_blocks, num_tasks, rank, backbone.width, seed
+                adapted, num_tasks, rank, backbone.width, seed, adapter_form
             )
         if mode in ("surgery", "surgeryv2"):
-            self.final_adapter = Adapters(1, num_tasks, rank, backbone.feature_dim, seed + 1)
+            self.final_adapter = Adapters(
+                1, num_tasks, rank, backbone.feature_dim, seed + 1, adapter_form
+            )
+
+    @property
+    def shared_blocks(self) -> int:
+        """Blocks whose output is the same for every task: rows of one input may share them
+        (all of them, and the pooling too, without block adapters)."""
+        if self.block_adapters is None:
+            return self.backbone.num_blocks
+        return self.branch_block
+
+    def set_adapter_form(self, form: str) -> None:
+        """Switch every adapter to ``masked`` or ``gather`` (same maths, different cost)."""
+        if form not in ADAPTER_FORMS:
+            raise ValueError(f"unknown adapter form '{form}'; valid: {', '.join(ADAPTER_FORMS)}")
+        for adapters in (self.block_adapters, self.final_adapter):
+            if adapters is not None:
+                adapters.form = form
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [
@@ -85,23 +113,45 @@ class MultiTaskModel(nn.Module):
         ]
 
     def representations(
-        self, batch: dict[str, torch.Tensor], task_ids: torch.Tensor, block_means: bool = False
+        self,
+        batch: dict[str, torch.Tensor],
+        task_ids: torch.Tensor,
+        block_means: bool = False,
+        input_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """-> (final representation [B, F], each block's token-mean [B, D] after its adapter,
-        or [] unless ``block_means``): the L + 1 vectors surgery aligns with the experts'."""
+        """-> (final representation [R, F], each block's token-mean [R, D] after its adapter,
+        or [] unless ``block_means``): the L + 1 vectors surgery aligns with the experts'.
+
+        Row r is task ``task_ids[r]`` on input ``input_index[r]`` of ``batch`` (default: input
+        r). With ``input_index``, everything before the first task-specific operation runs
+        once per distinct input (``shared_blocks``), then the rows fan out.
+        """
         adapters = self.block_adapters or self.final_adapter
-        unit_mask = adapters.unit_mask(task_ids) if adapters is not None else None
+        route = adapters.route(task_ids) if adapters is not None else None
         after_block = None
         if self.block_adapters is not None:
+            first = self.branch_block
 
             def after_block(index: int, hidden: torch.Tensor) -> torch.Tensor:
-                return self.block_adapters(index, hidden, unit_mask)
+                if index < first:
+                    return hidden
+                return self.block_adapters(index - first, hidden, route)
 
-        final, means = self.backbone.run(batch, after_block, block_means)
+        fan_out = None if input_index is None else (self.shared_blocks, input_index)
+        final, means = self.backbone.run(batch, after_block, block_means, fan_out)
         if self.final_adapter is not None:
-            final = self.final_adapter(0, final, unit_mask)
+            final = self.final_adapter(0, final, route)
         return final, means
 
-    def forward(self, batch: dict[str, torch.Tensor], task_ids: torch.Tensor) -> torch.Tensor:
-        """-> logits [B, C_max]; task t's classes first, padding columns at PAD_LOGIT."""
-        return self.heads(self.representations(batch, task_ids)[0], task_ids)
+    def forward(
+        self,
+        batch: dict[str, torch.Tensor],
+        task_ids: torch.Tensor,
+        input_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """-> logits [R, C_max]; task t's classes first, padding columns at PAD_LOGIT.
+        ``input_index`` [R]: which of ``batch``'s inputs each row reads (default: row r =
+        input r)."""
+        return self.heads(
+            self.representations(batch, task_ids, input_index=input_index)[0], task_ids
+        )

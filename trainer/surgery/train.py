@@ -111,7 +111,7 @@ def train_surgery(
             task_ids = torch.full((len(rows),), t, dtype=torch.long, device=device)
             if frozen_final is not None:
                 adapter = model.final_adapter
-                final = adapter(0, frozen_final[t][rows].to(device), adapter.unit_mask(task_ids))
+                final = adapter(0, frozen_final[t][rows].to(device), adapter.route(task_ids))
                 task_loss = distance(final, target.final, loss)
             else:
                 batch = model.backbone.batch([pool[i] for i in rows], device)
