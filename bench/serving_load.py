@@ -1,6 +1,23 @@
-"""Fused multi-task server vs one server per task, under the same concurrent load.
+"""Serving under load: fused vs naive, Ray Serve replicas, overload, hot-swap.
 
     python -m bench.serving_load --model DIR [--requests 20000] [--clients 64] [--no-naive]
+    python -m bench.serving_load --model DIR --scenario ray [--replicas 1,2]
+    python -m bench.serving_load --model DIR --scenario overload [--overload-factor 4]
+        [--max-queue 64] [--duration-s 10]
+    python -m bench.serving_load --model DIR --scenario hot-swap [--swaps 3] [--duration-s 10]
+
+Scenarios other than the default (each prints a table whose last line is a one-line summary
+and writes bench/results/serving_<scenario>.json, with the load averages before and after):
+
+- ray: the same closed-loop load against runtime.server (one process) and runtime.serve_ray
+  with each --replicas count on a local Ray; throughput, latency, errors and each Model
+  replica's peak RSS.
+- overload: the sustainable rate R is measured closed-loop first; then an open-loop load
+  offers `--overload-factor` x R for --duration-s against runtime.server without a queue bound
+  and with --max-queue: latency of the accepted requests, refusals (RESOURCE_EXHAUSTED), other
+  errors, and whether the server answers health and a request normally afterwards.
+- hot-swap: closed-loop load against runtime.server on a directory of versions while
+  `--swaps` new versions are written and SIGHUP'd in; every request must succeed.
 
 Fused: one `runtime.server` on model.onnx answers every task (and `*`) from one batched
 backbone pass. Naive: one `runtime.server --task NAME` process per task, each on its `per_task`
@@ -252,8 +269,399 @@ def print_table(rows: list[dict], summary: str) -> None:
     print(summary)
 
 
+# ---------------------------------------------------------------- open-loop load
+
+
+@dataclass
+class OpenSpec:
+    addr: str
+    kinds: list[str]
+    field: str
+    inputs: list
+    rate: float  # requests offered per second, whatever the server does
+    seconds: float
+    timeout: float = 120.0
+    seed: int = 0
+
+
+@dataclass
+class OpenResult:
+    offered_rps: float  # what the generator actually achieved
+    sent: int
+    ok_ms: list[float]
+    refused_ms: list[float]
+    errors: list[str]
+    seconds: float  # until the last answer
+
+
+async def _open_load(spec: OpenSpec) -> OpenResult:
+    import grpc
+
+    from protos.deepsurgery.v1 import inference_pb2 as pb
+    from protos.deepsurgery.v1 import inference_pb2_grpc as pb_grpc
+
+    channels = [grpc.aio.insecure_channel(spec.addr) for _ in range(4)]
+    stubs = [pb_grpc.InferenceStub(c) for c in channels]
+    rng = random.Random(spec.seed)
+    n = int(spec.rate * spec.seconds)
+    ok_ms, refused_ms, errors = [], [], []
+
+    async def one(i: int) -> None:
+        kind = rng.choice(spec.kinds)
+        inp = spec.inputs[rng.randrange(len(spec.inputs))]
+        req = pb.PredictRequest(task=kind, input=pb.Input(**{spec.field: inp}))
+        t0 = time.perf_counter()
+        try:
+            await stubs[i % len(stubs)].Predict(req, timeout=spec.timeout)
+            ok_ms.append((time.perf_counter() - t0) * 1000)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                refused_ms.append((time.perf_counter() - t0) * 1000)
+            else:
+                errors.append(f"{e.code().name}: {e.details()}")
+
+    start = time.perf_counter()
+    tasks = []
+    for i in range(n):
+        delay = start + i / spec.rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one(i)))
+    sending = time.perf_counter() - start
+    await asyncio.gather(*tasks)
+    total = time.perf_counter() - start
+    for c in channels:
+        await c.close()
+    return OpenResult(n / sending, n, ok_ms, refused_ms, errors, total)
+
+
+def _open_process(spec: OpenSpec, queue) -> None:
+    queue.put(asyncio.run(_open_load(spec)))
+
+
+def run_open(spec: OpenSpec) -> OpenResult:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_open_process, args=(spec, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def pct(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)), 2) if values else 0.0
+
+
+def healthy(addr: str, spec: LoadSpec) -> tuple[bool, float]:
+    """Health SERVING, and the p50 ms of 20 sequential requests."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from protos.deepsurgery.v1 import inference_pb2 as pb
+    from protos.deepsurgery.v1 import inference_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(addr) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=30
+        )
+        stub = pb_grpc.InferenceStub(channel)
+        times = []
+        for i in range(20):
+            req = pb.PredictRequest(
+                task="*", input=pb.Input(**{spec.field: spec.inputs[i % len(spec.inputs)]})
+            )
+            t0 = time.perf_counter()
+            stub.Predict(req, timeout=30)
+            times.append((time.perf_counter() - t0) * 1000)
+    return status.status == health_pb2.HealthCheckResponse.SERVING, pct(times, 50)
+
+
+def print_rows(rows: list[dict], cols: list[str], summary: str) -> None:
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
+    for r in rows:
+        print("  ".join(str(r.get(c, "")).rjust(w) for c, w in zip(cols, widths, strict=True)))
+    print(summary)
+
+
+def write_report(args, name: str, report: dict) -> None:
+    out = (
+        args.out if args.out != RESULTS / "serving_load.json" else RESULTS / f"serving_{name}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str))
+
+
+def scenario_overload(args, flags: list[str], common: dict) -> int:
+    load_before = loadavg()
+    spec = LoadSpec(routes={k: [] for k in common["kinds"]}, **common)
+    server = ServerProcess(args.model, *flags)
+    try:
+        spec.routes = {k: [server.addr] for k in spec.kinds}
+        closed = run_load(spec)
+        sustainable = closed.requests / closed.seconds
+    finally:
+        server.stop()
+    rate = args.overload_factor * sustainable
+    rows = []
+    for bound in (0, args.max_queue):
+        extra = ["--max-queue", str(bound)] if bound else []
+        server = ServerProcess(args.model, *flags, *extra)
+        try:
+            res = run_open(
+                OpenSpec(server.addr, spec.kinds, spec.field, spec.inputs, rate, args.duration_s)
+            )
+            ok, after_ms = healthy(server.addr, spec)
+            mem = server.memory()["peak_kib"]
+        finally:
+            server.stop()
+        rows.append(
+            {
+                "server": f"--max-queue {bound}" if bound else "unbounded queue",
+                "offered_rps": round(res.offered_rps, 1),
+                "sent": res.sent,
+                "ok": len(res.ok_ms),
+                "refused": len(res.refused_ms),
+                "other_errors": len(res.errors),
+                "goodput_rps": round(len(res.ok_ms) / res.seconds, 1),
+                "ok_p50_ms": pct(res.ok_ms, 50),
+                "ok_p99_ms": pct(res.ok_ms, 99),
+                "ok_max_ms": pct(res.ok_ms, 100),
+                "refused_p99_ms": pct(res.refused_ms, 99),
+                "healthy_after": ok,
+                "after_p50_ms": after_ms,
+                "peak_rss_mib": round(mem / 1024, 1),
+                "error_samples": res.errors[:3],
+            }
+        )
+    free, bounded = rows
+    summary = (
+        f"overload at {args.overload_factor:g}x the sustainable {sustainable:.0f} req/s: "
+        f"unbounded p99 {free['ok_p99_ms']} ms (max {free['ok_max_ms']}) vs --max-queue "
+        f"{args.max_queue} p99 {bounded['ok_p99_ms']} ms (max {bounded['ok_max_ms']}), "
+        f"{bounded['refused']}/{bounded['sent']} refused (p99 {bounded['refused_p99_ms']} ms); "
+        f"healthy after: {free['healthy_after']}/{bounded['healthy_after']}; other errors "
+        f"{free['other_errors'] + bounded['other_errors']}"
+    )
+    cols = ["server", "offered_rps", "sent", "ok", "refused", "other_errors", "goodput_rps"]
+    cols += ["ok_p50_ms", "ok_p99_ms", "ok_max_ms", "refused_p99_ms", "healthy_after"]
+    cols += ["after_p50_ms", "peak_rss_mib"]
+    report = {
+        "bench": "serving_load",
+        "scenario": "overload",
+        "model": str(args.model),
+        "sustainable_rps": round(sustainable, 1),
+        "offered_factor": args.overload_factor,
+        "rows": rows,
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
+        "settings": vars(args) | {"model": str(args.model), "out": str(args.out)},
+        "summary": summary,
+    }
+    write_report(args, "overload", report)
+    print_rows(rows, cols, summary)
+    return (
+        1 if free["other_errors"] + bounded["other_errors"] or not bounded["healthy_after"] else 0
+    )
+
+
+def scenario_hot_swap(args, flags: list[str], common: dict) -> int:
+    import shutil
+    import signal
+
+    load_before = loadavg()
+    tmp = tempfile.TemporaryDirectory(prefix="bench-versions-")
+    versions = Path(tmp.name)
+    shutil.copytree(args.model, versions / "1")
+    server = ServerProcess(versions, *flags, "--metrics-port", "0", "--log-level", "INFO")
+    requests = max(args.requests, 1)
+    spec = LoadSpec(
+        routes={k: [server.addr] for k in common["kinds"]}, **(common | {"requests": requests})
+    )
+    swapped = []
+
+    def swapper() -> None:
+        period = args.duration_s / (args.swaps + 1)
+        for v in range(2, args.swaps + 2):
+            time.sleep(period)
+            staging = versions / f".staging-{v}"
+            shutil.copytree(args.model, staging)
+            os.replace(staging, versions / str(v))  # complete, then one rename
+            server.proc.send_signal(signal.SIGHUP)
+            swapped.append((v, time.monotonic()))
+
+    import threading
+
+    try:
+        t = threading.Thread(target=swapper)
+        # closed-loop load for about --duration-s: size it from a short calibration
+        calib = run_load(LoadSpec(**(vars(spec) | {"requests": 200, "warmup": 0})))
+        spec.requests = max(200, int(calib.requests / calib.seconds * args.duration_s))
+        t0 = time.monotonic()
+        t.start()
+        result = run_load(spec)
+        t.join()
+        seconds = time.monotonic() - t0
+        time.sleep(1.0)
+        server.log.flush()
+        server.log.seek(0)
+        log_text = server.log.read()
+        mem = server.memory()["peak_kib"]
+    finally:
+        server.stop()
+        tmp.cleanup()
+    served = [v for v, _ in swapped if f"now serving version {v} " in log_text]
+    row = summarize("hot-swap", result, mem, 1) | {
+        "swaps_sent": len(swapped),
+        "swaps_done": len(served),
+        "refused": log_text.count(" refused: "),
+    }
+    row["seconds_total"] = round(seconds, 2)
+    summary = (
+        f"hot-swap: {len(served)}/{len(swapped)} versions swapped in under {args.clients} "
+        f"clients; {row['requests']} requests, {row['errors']} failed (target 0); "
+        f"{row['throughput_rps']} req/s, p99 {row['p99_ms']} ms"
+    )
+    cols = ["deployment", "requests", "errors", "throughput_rps", "p50_ms", "p95_ms", "p99_ms"]
+    cols += ["swaps_sent", "swaps_done", "server_peak_rss_mib"]
+    report = {
+        "bench": "serving_load",
+        "scenario": "hot-swap",
+        "model": str(args.model),
+        "rows": [row],
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
+        "settings": vars(args) | {"model": str(args.model), "out": str(args.out)},
+        "summary": summary,
+    }
+    write_report(args, "hot_swap", report)
+    print_rows([row], cols, summary)
+    return 1 if row["errors"] or len(served) != len(swapped) else 0
+
+
+class RayProcess:
+    """`python -m runtime.serve_ray` on a local Ray; waits until it serves."""
+
+    def __init__(self, model: Path, replicas: int, *flags: str):
+        import socket
+
+        self.tmp = tempfile.TemporaryDirectory(prefix="bench-ray-")
+        d = Path(self.tmp.name)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.status_file = d / "status.json"
+        self.log = open(d / "log", "w+")
+        cmd = [sys.executable, "-m", "runtime.serve_ray", "--model", str(model)]
+        cmd += ["--replicas", str(replicas), "--port", str(port), "--port-file", str(d / "port")]
+        cmd += ["--status-file", str(self.status_file), "--log-level", "WARNING", *flags]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not (d / "port").exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("serve_ray did not start")
+            time.sleep(0.2)
+        self.addr = f"127.0.0.1:{port}"
+
+    def replica_memory(self) -> list[dict]:
+        status = json.loads(self.status_file.read_text())
+        out = []
+        for r in status["replicas"]:
+            try:
+                out.append({"deployment": r["deployment"], **rss_kib(r["pid"])})
+            except OSError:
+                pass
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        self.tmp.cleanup()
+
+
+def scenario_ray(args, flags: list[str], common: dict) -> int:
+    load_before = loadavg()
+    counts = [int(x) for x in args.replicas.split(",")]
+    rows = []
+    server = ServerProcess(args.model, *flags)
+    try:
+        result = run_load(LoadSpec(routes={k: [server.addr] for k in common["kinds"]}, **common))
+        rows.append(summarize("runtime.server", result, server.memory()["peak_kib"], 1))
+        rows[-1]["replica_peak_rss_mib"] = rows[-1]["server_peak_rss_mib"]
+    finally:
+        server.stop()
+    ray_flags = ["--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms)]
+    ray_flags += ["--providers", args.providers, "--replica-cpus", str(args.replica_cpus)]
+    if args.intra_op_threads:
+        ray_flags += ["--intra-op-threads", str(args.intra_op_threads)]
+    for n in counts:
+        ray = RayProcess(args.model, n, *ray_flags)
+        try:
+            result = run_load(LoadSpec(routes={k: [ray.addr] for k in common["kinds"]}, **common))
+            mem = ray.replica_memory()
+        finally:
+            ray.stop()
+        model_mem = [m["peak_kib"] for m in mem if m["deployment"] == "Model"]
+        ingress_mem = [m["peak_kib"] for m in mem if m["deployment"] != "Model"]
+        row = summarize(f"ray x{n}", result, sum(model_mem), n)
+        row["replica_peak_rss_mib"] = round(max(model_mem or [0]) / 1024, 1)
+        row["ingress_peak_rss_mib"] = round(sum(ingress_mem) / 1024, 1)
+        rows.append(row)
+    base = rows[0]["throughput_rps"]
+    parts = [
+        f"{r['deployment']} {r['throughput_rps']} req/s ({r['throughput_rps'] / base:.2f}x)"
+        for r in rows
+    ]
+    errors = sum(r["errors"] for r in rows)
+    summary = (
+        f"ray: {', '.join(parts)} on {os.cpu_count()} cores; Model replica peak RSS "
+        f"{', '.join(str(r['replica_peak_rss_mib']) for r in rows[1:])} MiB; errors {errors}"
+    )
+    cols = ["deployment", "processes", "requests", "errors", "throughput_rps", "p50_ms"]
+    cols += ["p95_ms", "p99_ms", "replica_peak_rss_mib", "ingress_peak_rss_mib"]
+    report = {
+        "bench": "serving_load",
+        "scenario": "ray",
+        "model": str(args.model),
+        "rows": rows,
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
+        "settings": vars(args) | {"model": str(args.model), "out": str(args.out)},
+        "summary": summary,
+    }
+    write_report(args, "ray", report)
+    print_rows(rows, cols, summary)
+    return 1 if errors else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.serving_load", description=__doc__)
+    p.add_argument(
+        "--scenario",
+        choices=["fused-vs-naive", "ray", "overload", "hot-swap"],
+        default="fused-vs-naive",
+    )
+    p.add_argument("--replicas", default="1,2", help="ray: replica counts to compare")
+    p.add_argument("--replica-cpus", type=float, default=1.0, help="ray: CPUs per replica")
+    p.add_argument("--overload-factor", type=float, default=4.0, help="overload: x sustainable")
+    p.add_argument("--max-queue", type=int, default=64, help="overload: the bounded run's limit")
+    p.add_argument("--duration-s", type=float, default=10.0, help="overload/hot-swap: seconds")
+    p.add_argument("--swaps", type=int, default=3, help="hot-swap: versions swapped in")
     p.add_argument("--model", type=Path, required=True, help="model dir (export.onnx --per-task)")
     p.add_argument("--requests", type=int, default=20000)
     p.add_argument("--clients", type=int, default=64)
@@ -277,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = spec.manifest
     tasks = [t.name for t in spec.tasks]
     per_task = manifest.get("per_task") or {}
-    run_naive = not args.no_naive
+    run_naive = not args.no_naive and args.scenario == "fused-vs-naive"
     if run_naive and set(per_task) != set(tasks):
         print(
             f"bench.serving_load: error: the manifest's per_task {sorted(per_task)} does not "
@@ -299,6 +707,12 @@ def main(argv: list[str] | None = None) -> int:
         warmup=args.warmup,
     )
 
+    if args.scenario == "overload":
+        return scenario_overload(args, flags, common)
+    if args.scenario == "hot-swap":
+        return scenario_hot_swap(args, flags, common)
+    if args.scenario == "ray":
+        return scenario_ray(args, flags, common)
     rows = []
     fused = ServerProcess(args.model, *flags)
     try:
