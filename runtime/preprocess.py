@@ -2,7 +2,10 @@
 
 Image (open_clip's eval transform): convert("RGB"); resize so the shorter side equals the
 target (PIL resize, aspect kept, long side int(size * long / short) like torchvision); center
-crop (top = int(round((h - th) / 2))); float32 / 255; (x - mean) / std; CHW.
+crop (top = int(round((h - th) / 2))); float32 / 255; (x - mean) / std; CHW. transformers'
+image processors (PIL backend) set ``resize_size`` (a shortest edge, or [h, w] with
+``resize: exact_then_center_crop``) apart from the crop ``image_size``, and ``crop_offset:
+floor`` (top = (h - th) // 2).
 Text: the export's `tokenizer.json` with truncation to max_length; rows of one batch are padded
 to the batch's longest row with the manifest's pad id and attention_mask 0.
 Only numpy, pillow and tokenizers: the server must run without torch.
@@ -58,8 +61,13 @@ class ImagePreprocessor:
             raise ValueError(f"manifest interpolation {interp!r} not one of {list(_INTERPOLATION)}")
         self.resample = _INTERPOLATION[interp]
         resize = cfg.get("resize", "shortest_edge_then_center_crop")
-        if resize != "shortest_edge_then_center_crop":
+        if resize not in ("shortest_edge_then_center_crop", "exact_then_center_crop"):
             raise ValueError(f"manifest resize {resize!r} is not supported")
+        self.exact = resize == "exact_then_center_crop"
+        self.resize_size = cfg.get("resize_size")  # None: resize to the crop size itself
+        if self.exact and self.resize_size is None:
+            self.resize_size = list(self.size)
+        self.floor_crop = cfg.get("crop_offset", "round") == "floor"
         self.row_shape = (3, *self.size)
         self.row_dtype = np.dtype(np.float32)
 
@@ -68,11 +76,19 @@ class ImagePreprocessor:
         img = img.convert("RGB")
         th, tw = self.size
         w, h = img.size
-        new_h, new_w = _shortest_edge_size(h, w, th, tw)
+        if self.exact:
+            new_h, new_w = (int(s) for s in self.resize_size)
+        elif self.resize_size is not None:
+            new_h, new_w = _shortest_edge_size(h, w, int(self.resize_size), int(self.resize_size))
+        else:
+            new_h, new_w = _shortest_edge_size(h, w, th, tw)
         if (new_h, new_w) != (h, w):
             img = img.resize((new_w, new_h), resample=self.resample)
-        top = int(round((new_h - th) / 2.0))
-        left = int(round((new_w - tw) / 2.0))
+        if self.floor_crop:
+            top, left = (new_h - th) // 2, (new_w - tw) // 2
+        else:
+            top = int(round((new_h - th) / 2.0))
+            left = int(round((new_w - tw) / 2.0))
         if (top, left, th, tw) != (0, 0, new_h, new_w):
             img = img.crop((left, top, left + tw, top + th))
         x = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255.0)

@@ -27,7 +27,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 @dataclass
 class BackboneConfig:
-    kind: str = "hf_text"  # hf_text | open_clip_vit
+    kind: str = "hf_text"  # hf_text | open_clip_vit | hf_vision
     # hf_text: a local model directory, or "minilm" for the packaged all-MiniLM-L6-v2.
     # open_clip_vit: a local weights file (safetensors / .pt) or "" for seeded random weights.
     path: str = "minilm"
@@ -38,6 +38,9 @@ class BackboneConfig:
     max_length: int = 128  # text: tokens per input (truncation)
     pooling: str = "mean"  # hf_text: mean | cls
     init_seed: int = 0  # open_clip_vit without weights: seed of the random init
+    # hf_vision (path: a CLIP / ViT / DINOv2 folder or hub id): input resolution, 0 = the
+    # model's image processor's own; its resize is scaled by the same ratio
+    image_size: int = 0
 
 
 @dataclass
@@ -281,10 +284,13 @@ def load_config(name_or_path: str = "demo", overrides: list[str] | None = None) 
 
 def validate(config: Config) -> None:
     """Semantic checks that need no data (types were checked while building)."""
-    if config.backbone.kind not in ("hf_text", "open_clip_vit"):
+    if config.backbone.kind not in ("hf_text", "open_clip_vit", "hf_vision"):
         raise UserError(
-            f"backbone.kind '{config.backbone.kind}' is unknown; use hf_text or open_clip_vit"
+            f"backbone.kind '{config.backbone.kind}' is unknown; "
+            "use hf_text, open_clip_vit or hf_vision"
         )
+    if config.backbone.image_size < 0:
+        raise UserError(f"backbone.image_size must be >= 0, got {config.backbone.image_size}")
     if config.backbone.pooling not in ("mean", "cls"):
         raise UserError(f"backbone.pooling '{config.backbone.pooling}' is unknown; use mean or cls")
     if config.backbone.kind == "open_clip_vit" and not (
