@@ -1,0 +1,54 @@
+"""bench.serving_load's overload and hot-swap scenarios at tiny sizes: they run end to end,
+print a table ending in a one-line summary and write their JSON (the ray scenario drives the
+same runtime.serve_ray that test_serve_ray covers)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from runtime_testkit import REPO
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bench.serving_load", "--providers", "cpu", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_hot_swap_scenario_fails_no_request(text_model_dir, tmp_path):
+    out = tmp_path / "hot_swap.json"
+    result = run_bench(
+        "--model", str(text_model_dir), "--scenario", "hot-swap", "--requests", "200",
+        "--clients", "8", "--warmup", "20", "--duration-s", "2", "--swaps", "2",
+        "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("hot-swap: 2/2 versions swapped in") and ", 0 failed" in last
+    report = json.loads(out.read_text())
+    assert report["rows"][0]["errors"] == 0 and report["rows"][0]["swaps_done"] == 2
+    assert len(report["loadavg_before"]) == 3 and len(report["loadavg_after"]) == 3
+
+
+def test_overload_scenario_reports_both_servers(text_model_dir, tmp_path):
+    out = tmp_path / "overload.json"
+    result = run_bench(
+        "--model", str(text_model_dir), "--scenario", "overload", "--requests", "300",
+        "--clients", "8", "--warmup", "20", "--duration-s", "0.5", "--overload-factor", "1",
+        "--max-queue", "8", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith("overload at 1x the sustainable")
+    report = json.loads(out.read_text())
+    rows = {r["server"]: r for r in report["rows"]}
+    assert set(rows) == {"unbounded queue", "--max-queue 8"}
+    assert all(r["healthy_after"] and r["other_errors"] == 0 for r in rows.values())
+    assert rows["unbounded queue"]["refused"] == 0
+    for r in rows.values():
+        assert r["ok"] + r["refused"] == r["sent"] > 0
