@@ -1,6 +1,6 @@
 """What gRPC serving adds to one row: Predict p50 vs a direct session.run of the same row.
 
-    python -m bench.grpc_overhead --model DIR [--n 1000] [--task NAME]
+    python -m bench.grpc_overhead --model DIR [--n 1000] [--task NAME] [--ray]
 
 The server runs in its own process with its default flags; the client sends single-row
 Predicts one after another (no concurrency). The direct baseline runs the same preprocessed row
@@ -9,6 +9,8 @@ in this process. Rounds alternate between the two so drift hits both alike. Thre
 direct run, Predict with the row as `input.tensor` (transport + batching only), and Predict
 with the raw input (`input.text` / `input.image`: preprocessing included).
 Target: tensor Predict p50 <= 1.2x the direct p50 on CPU. Writes bench/results/grpc_overhead.json.
+`--ray` adds the same two Predicts through runtime.serve_ray (one replica on a local Ray: the
+Serve proxy, the ingress and the replica), i.e. what the scale-out path adds per request.
 """
 
 from __future__ import annotations
@@ -21,9 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.serving_load import RESULTS, ServerProcess, model_inputs
+from bench.serving_load import RESULTS, RayProcess, ServerProcess, model_inputs
 
 TARGET = 1.2
+
+
+def _path(kind: str) -> str:
+    if kind.startswith("ray "):
+        return f"serve_ray Predict(input.{kind[4:]})"
+    return f"Predict(input.{kind})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=10, help="alternations between the kinds")
     p.add_argument("--task", help="task to ask (default: the first)")
     p.add_argument("--providers", default="cpu", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--ray", action="store_true", help="also through runtime.serve_ray")
     p.add_argument("--out", type=Path, default=RESULTS / "grpc_overhead.json")
     args = p.parse_args(argv)
 
@@ -68,13 +77,20 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     server = ServerProcess(args.model, "--providers", args.providers)
+    ray = RayProcess(args.model, 1, "--providers", args.providers) if args.ray else None
     times: dict[str, list[float]] = {"direct": [], "tensor": [], field: []}
+    if ray:
+        times |= {"ray tensor": [], f"ray {field}": []}
     try:
         channel = grpc.insecure_channel(server.addr)
         stub = pb_grpc.InferenceStub(channel)
         calls = {"direct": lambda: engine.run_feeds(feeds)}
         for kind, req in requests.items():
             calls[kind] = lambda req=req: stub.Predict(req, timeout=60)
+        if ray:
+            ray_stub = pb_grpc.InferenceStub(grpc.insecure_channel(ray.addr))
+            for kind, req in requests.items():
+                calls[f"ray {kind}"] = lambda req=req: ray_stub.Predict(req, timeout=60)
         for fn in calls.values():
             for _ in range(args.warmup):
                 fn()
@@ -88,11 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         channel.close()
     finally:
         server.stop()
+        if ray:
+            ray.stop()
 
     p50 = {k: float(np.percentile(v, 50)) for k, v in times.items()}
     rows = [
         {
-            "path": {"direct": "session.run (direct)"}.get(k, f"Predict(input.{k})"),
+            "path": {"direct": "session.run (direct)"}.get(k, _path(k)),
             "calls": len(v),
             "p50_ms": round(p50[k], 4),
             "p95_ms": round(float(np.percentile(v, 95)), 4),
@@ -107,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{p50['direct']:.3f} ms (target <= {TARGET}x: {'met' if ratio <= TARGET else 'NOT met'}); "
         f"Predict({field}) {raw_ratio:.2f}x; providers {engine.providers[0]}"
     )
+    if ray:
+        summary += f"; via Ray Serve {p50['ray tensor'] / p50['direct']:.2f}x"
     report = {
         "bench": "grpc_overhead",
         "model": str(args.model),
