@@ -35,7 +35,7 @@ from modeldir import (
 )
 from trainer.errors import UserError, run_cli
 from trainer.results.bundle import load_bundle
-from trainer.surgery.model import PAD_LOGIT, Heads, MultiTaskModel
+from trainer.surgery.model import PAD_LOGIT, MultiTaskModel
 
 from .graph import (
     DEFAULT_OPSET,
@@ -127,14 +127,9 @@ def select_tasks(model: MultiTaskModel, tasks: str) -> list[int]:
 def task_subset(model: MultiTaskModel, indices: list[int]) -> MultiTaskModel:
     """The same model restricted to ``indices`` (renumbered 0..k-1): shared backbone module,
     those tasks' heads and adapter slices. C_max shrinks to the largest kept task."""
-    heads = Heads(
-        [model.heads.weight[t, : model.heads.num_classes[t]] for t in indices],
-        [model.heads.bias[t, : model.heads.num_classes[t]] for t in indices],
-        normalize=model.heads.normalize,
-    )
     subset = MultiTaskModel(
         model.backbone,
-        heads,
+        model.heads.subset(indices),
         [model.task_names[t] for t in indices],
         mode=model.mode,
         rank=model.rank,

@@ -36,7 +36,7 @@ class BackboneConfig:
     vision_cfg: dict = field(default_factory=dict)
     embed_dim: int = 0
     max_length: int = 128  # text: tokens per input (truncation)
-    pooling: str = "mean"  # hf_text: mean | cls
+    pooling: str = "mean"  # hf_text: mean | cls | max
     init_seed: int = 0  # open_clip_vit without weights: seed of the random init
     # hf_vision (path: a CLIP / ViT / DINOv2 folder or hub id): input resolution, 0 = the
     # model's image processor's own; its resize is scaled by the same ratio
@@ -48,6 +48,13 @@ class TaskConfig:
     name: str = ""
     path: str = ""  # folder (jsonl text / class folders of images) or an .npz file
     checkpoint: str = ""  # optional: expert weights (safetensors) instead of fine-tuning here
+    # optional: the task's fine-tuned expert in its library's format (a transformers
+    # classifier, a sentence-transformers / HF vision folder, an open_clip state dict): a local
+    # path or a Hugging Face hub id; see trainer/experts/formats
+    expert: str = ""
+    # the expert's head when its files hold none: a head file (safetensors weight [C, F],
+    # bias [C]) or "zeroshot" (CLIP: built from the class names with the text tower)
+    head: str = ""
     train_limit: int = 0  # 0 = every training row
     test_limit: int = 0  # 0 = every test row
 
@@ -291,8 +298,10 @@ def validate(config: Config) -> None:
         )
     if config.backbone.image_size < 0:
         raise UserError(f"backbone.image_size must be >= 0, got {config.backbone.image_size}")
-    if config.backbone.pooling not in ("mean", "cls"):
-        raise UserError(f"backbone.pooling '{config.backbone.pooling}' is unknown; use mean or cls")
+    if config.backbone.pooling not in ("mean", "cls", "max"):
+        raise UserError(
+            f"backbone.pooling '{config.backbone.pooling}' is unknown; use mean, cls or max"
+        )
     if config.backbone.kind == "open_clip_vit" and not (
         config.backbone.model or config.backbone.vision_cfg
     ):
@@ -310,6 +319,14 @@ def validate(config: Config) -> None:
             )
         if not task.path:
             raise UserError(f"task '{task.name}' has no path (a data folder or .npz file)")
+        if task.expert and task.checkpoint:
+            raise UserError(
+                f"task '{task.name}' names both an expert and a checkpoint; keep one of them"
+            )
+        if task.head and not task.expert:
+            raise UserError(
+                f"task '{task.name}' has a head but no expert; the head belongs to its expert"
+            )
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise UserError(f"task names must be unique; repeated: {', '.join(sorted(dup))}")

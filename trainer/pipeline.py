@@ -28,7 +28,7 @@ from .data.unlabeled import unlabeled_inputs
 from .errors import UserError
 from .experts.cache import state_fingerprint
 from .experts.checkpoints import StateDict
-from .experts.expert import Expert, get_expert
+from .experts.expert import Expert, expert_heads, get_expert, load_given_experts
 from .experts.multitask import train_multitask
 from .experts.pretrain import pretrain_base
 from .merging import MergeContext, get_method, merge
@@ -159,8 +159,9 @@ class Experiment:
 
     def evaluate(
         self, model: MultiTaskModel, label: str, rows: list | None = None
-    ) -> tuple[dict[str, float], list[float]]:
-        """Per-task accuracy and the mean bias per block; ``rows[t]`` limits task t's test rows."""
+    ) -> tuple[dict[str, float | None], list[float]]:
+        """Per-task accuracy (None without test labels) and the mean bias per block;
+        ``rows[t]`` limits task t's test rows."""
         acc, per_task_bias = {}, []
         for i, task in enumerate(self.tasks):
             split, targets = task.test, self.test_targets[i]
@@ -178,11 +179,15 @@ class Experiment:
             per_task_bias.append(bias)
         return acc, [sum(v) / len(v) for v in zip(*per_task_bias)]
 
-    def individual_accuracy(self, rows: list | None = None) -> dict[str, float]:
-        """Each expert's accuracy (its cached test representations + its head)."""
+    def individual_accuracy(self, rows: list | None = None) -> dict[str, float | None]:
+        """Each expert's accuracy (its cached test representations + its head); None for a
+        task without test labels."""
         acc = {}
         for i, task in enumerate(self.tasks):
             final, labels = self.test_targets[i].final, task.test.labels
+            if labels is None:
+                acc[task.name] = None
+                continue
             if rows is not None:
                 final, labels = final[torch.as_tensor(rows[i])], labels[rows[i]]
             acc[task.name] = accuracy_from_features(self.heads, i, final, labels, self.device)
@@ -258,6 +263,20 @@ def prepare(config: Config, *, data_root: Path, cache: Path, device: torch.devic
             f"surgery.branch_block {sc.branch_block} exceeds the backbone's {base.num_blocks} "
             f"blocks; use 0..{base.num_blocks} (0 = adapters after every block)"
         )
+    # every expert given as files: read and checked against the base before any training
+    given = load_given_experts(config.tasks, tasks, base, base.state_dict(), data_root)
+    for task in tasks:
+        untrained = task.train is None or task.train.labels is None
+        if untrained and task.name not in given:
+            raise UserError(
+                f"task '{task.name}' has no labelled train split to fine-tune an expert on; "
+                "give it one (train.jsonl, train/ class folders, x_train + y_train) or an expert"
+            )
+        if untrained and config.multitask.enabled:
+            raise UserError(
+                f"multitask.enabled trains on every task's labelled train split and task "
+                f"'{task.name}' has none; set multitask.enabled = false or add one"
+            )
     log.info(
         "%d tasks (%s) on %s, device %s",
         len(tasks),
@@ -275,12 +294,11 @@ def prepare(config: Config, *, data_root: Path, cache: Path, device: torch.devic
         timing["pretrain"] = round(time.perf_counter() - clock, 2)
         clock = time.perf_counter()
     base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
-    checkpoints = {t.name: t.checkpoint for t in config.tasks}
     experts = []
     for task in tasks:
         expert = get_expert(
             task,
-            checkpoint=checkpoints.get(task.name, ""),
+            given=given.get(task.name),
             base=base,
             base_state=base_state,
             finetune=config.finetune,
@@ -291,11 +309,7 @@ def prepare(config: Config, *, data_root: Path, cache: Path, device: torch.devic
         experts.append(expert)
     timing["experts"] = round(time.perf_counter() - clock, 2)
     clock = time.perf_counter()
-    heads = Heads(
-        [e.head_weight for e in experts],
-        [e.head_bias for e in experts],
-        normalize=base.normalize_head,
-    ).to(device)
+    heads = expert_heads(experts).to(device)
 
     # ---- 3. the experts' representations: the individual row, bias and surgery targets ------
     batch_size = config.eval.batch_size

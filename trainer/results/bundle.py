@@ -27,7 +27,7 @@ from modeldir import (
 
 from ..backbones import backbone_from_spec
 from ..errors import UserError
-from ..surgery.model import Heads, MultiTaskModel
+from ..surgery.model import Heads, MultiTaskModel, TaskHead
 
 WEIGHTS = ("backbone.safetensors", "tasks.safetensors")
 
@@ -59,7 +59,12 @@ def write_bundle(
             "backbone": model.backbone.spec(),
             "preprocessing": model.backbone.preprocessing(),
             "tasks": tasks,
-            "heads": {"normalize": model.heads.normalize},
+            "heads": {
+                "normalize": model.heads.normalize,
+                # width of the per-task hidden layer before the classifier (0: linear heads)
+                "hidden": model.heads.hidden_width,
+                "activation": model.heads.activation,
+            },
             "surgery": {
                 "mode": model.mode,
                 "rank": model.rank,
@@ -108,6 +113,30 @@ def _require(cond, path: Path, what: str) -> None:
         raise ManifestError(f"{path}: {what}")
 
 
+def _heads(task_state: dict, tasks, spec: dict, path: Path) -> Heads:
+    """The stacked task heads of ``tasks.safetensors`` (bundles before hidden-layer heads
+    have no ``hidden``: linear heads)."""
+    weight, bias = task_state["heads.weight"], task_state["heads.bias"]
+    hidden = spec.get("hidden", 0)
+    if hidden and "heads.hidden_weight" not in task_state:
+        raise UserError(
+            f"{path}: heads.hidden is {hidden} but tasks.safetensors has no hidden layer"
+        )
+    return Heads.stack(
+        [
+            TaskHead(
+                weight[t.index, : t.num_classes],
+                bias[t.index, : t.num_classes],
+                task_state["heads.hidden_weight"][t.index] if hidden else None,
+                task_state["heads.hidden_bias"][t.index] if hidden else None,
+                spec.get("activation", "") if hidden else "",
+            )
+            for t in tasks
+        ],
+        normalize=spec["normalize"],
+    )
+
+
 def load_bundle(directory: Path) -> tuple[MultiTaskModel, dict]:
     """Rebuild the exact model the trainer measured from a verified bundle."""
     directory = Path(directory)
@@ -115,12 +144,7 @@ def load_bundle(directory: Path) -> tuple[MultiTaskModel, dict]:
     tasks = parse_tasks(manifest["tasks"], directory / modeldir.MANIFEST)
     backbone = backbone_from_spec(manifest["backbone"], directory)
     task_state = load_file(str(directory / WEIGHTS[1]))
-    weight, bias = task_state["heads.weight"], task_state["heads.bias"]
-    heads = Heads(
-        [weight[t.index, : t.num_classes] for t in tasks],
-        [bias[t.index, : t.num_classes] for t in tasks],
-        normalize=manifest["heads"]["normalize"],
-    )
+    heads = _heads(task_state, tasks, manifest["heads"], directory / modeldir.MANIFEST)
     model = MultiTaskModel(
         backbone,
         heads,

@@ -6,9 +6,19 @@ from pathlib import Path
 
 from modeldir import write_json_atomic
 
+NO_LABELS = "no labels"  # the table's cell for a task without a labelled test split
 
-def results_row(method: str, surgery: str, acc: dict[str, float]) -> dict:
-    return {"method": method, "surgery": surgery, "acc": acc, "avg": sum(acc.values()) / len(acc)}
+
+def results_row(method: str, surgery: str, acc: dict[str, float | None]) -> dict:
+    """One row; ``acc[task]`` is None for a task without test labels, and ``avg`` is the mean
+    over the scored tasks (None when no task is)."""
+    scored = [v for v in acc.values() if v is not None]
+    avg = sum(scored) / len(scored) if scored else None
+    return {"method": method, "surgery": surgery, "acc": acc, "avg": avg}
+
+
+def _cell(value: float | None) -> str:
+    return NO_LABELS if value is None else f"{100 * value:.1f}"
 
 
 def row_label(row: dict) -> str:
@@ -18,18 +28,19 @@ def row_label(row: dict) -> str:
 
 
 def format_table(tasks: list[str], rows: list[dict]) -> str:
-    """The paper's form: one row per method, tasks as columns, Avg last, percentages."""
+    """The paper's form: one row per method, tasks as columns, Avg last, percentages; a task
+    without test labels reads "no labels" (and is left out of Avg)."""
     first = max(len("Method"), *(len(row_label(r)) for r in rows))
-    widths = [max(6, len(t)) for t in tasks]
+    unscored = any(r["acc"][t] is None for r in rows for t in tasks)
+    widths = [max(len(NO_LABELS) if unscored else 6, len(t)) for t in tasks]
     header = " | ".join(
         ["Method".ljust(first), *(t.rjust(w) for t, w in zip(tasks, widths)), "Avg".rjust(6)]
     )
     lines = [header, "-" * len(header)]
     for row in rows:
-        cells = [f"{100 * row['acc'][t]:.1f}".rjust(w) for t, w in zip(tasks, widths)]
-        lines.append(
-            " | ".join([row_label(row).ljust(first), *cells, f"{100 * row['avg']:.1f}".rjust(6)])
-        )
+        cells = [_cell(row["acc"][t]).rjust(w) for t, w in zip(tasks, widths)]
+        avg = "-" if row["avg"] is None else f"{100 * row['avg']:.1f}"
+        lines.append(" | ".join([row_label(row).ljust(first), *cells, avg.rjust(6)]))
     return "\n".join(lines)
 
 

@@ -13,6 +13,8 @@ keeps only that final one, ``surgeryv2`` has both.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,11 +26,44 @@ SURGERY_MODES = ("none", "surgery", "surgeryv2")
 PAD_LOGIT = -1e4  # value of a task's padding logit columns (fits fp16)
 
 
+# the activation between a head's hidden layer and its classifier, by the name experts use
+ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu, "gelu": F.gelu}
+
+
+@dataclass
+class TaskHead:
+    """One task's classifier on the final representation f [F]:
+    ``weight · act(hidden_weight · f + hidden_bias) + bias`` with a hidden layer (BERT's pooler,
+    RoBERTa's classification head...), else ``weight · f + bias``."""
+
+    weight: torch.Tensor  # [C, H] (H = F without a hidden layer)
+    bias: torch.Tensor  # [C]
+    hidden_weight: torch.Tensor | None = None  # [H, F]
+    hidden_bias: torch.Tensor | None = None  # [H]
+    activation: str = ""  # one of ACTIVATIONS, with a hidden layer
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[0]
+
+
 class Heads(nn.Module):
-    """Per-task linear classifiers stacked to [T, C_max, F]; padding columns get PAD_LOGIT."""
+    """Per-task classifiers stacked to [T, C_max, H]; padding columns get PAD_LOGIT.
+
+    Optionally one hidden layer per task before the classifier (``hidden_weight`` [T, H, F],
+    ``hidden_bias`` [T, H]) with ONE activation for all tasks (the experts share an
+    architecture, so they share their head's form). ``normalize``: the heads read the
+    L2-normalised feature (CLIP-style heads, sentence-transformers' Normalize).
+    """
 
     def __init__(
-        self, weights: list[torch.Tensor], biases: list[torch.Tensor], normalize: bool = False
+        self,
+        weights: list[torch.Tensor],
+        biases: list[torch.Tensor],
+        normalize: bool = False,
+        hidden_weights: list[torch.Tensor] | None = None,
+        hidden_biases: list[torch.Tensor] | None = None,
+        activation: str = "",
     ):
         super().__init__()
         num_classes = [w.shape[0] for w in weights]
@@ -40,14 +75,69 @@ class Heads(nn.Module):
             bias[t, : w.shape[0]] = b
         self.register_buffer("weight", weight)
         self.register_buffer("bias", bias)
+        hidden_weight = hidden_bias = None  # no hidden layer: no buffers in the state dict
+        if hidden_weights is not None:
+            if activation not in ACTIVATIONS:
+                raise ValueError(f"head activation '{activation}' is not one of {[*ACTIVATIONS]}")
+            hidden_weight = torch.stack([w.float() for w in hidden_weights])
+            hidden_bias = torch.stack([b.float() for b in hidden_biases])
+        self.register_buffer("hidden_weight", hidden_weight)
+        self.register_buffer("hidden_bias", hidden_bias)
+        self.activation = activation if hidden_weights is not None else ""
         self.num_classes = num_classes
         self.normalize = normalize
+
+    @property
+    def hidden_width(self) -> int:
+        """H of the per-task hidden layer, 0 without one."""
+        return 0 if self.hidden_weight is None else self.hidden_weight.shape[1]
+
+    @classmethod
+    def stack(cls, heads: list[TaskHead], normalize: bool = False) -> Heads:
+        """One Heads from per-task heads that all have, or all lack, a hidden layer."""
+        hidden = [h.hidden_weight is not None for h in heads]
+        if any(hidden) and not all(hidden):
+            raise ValueError("either every task head has a hidden layer or none has")
+        if len({h.activation for h in heads}) > 1:
+            raise ValueError("every task head must use the same activation")
+        return cls(
+            [h.weight for h in heads],
+            [h.bias for h in heads],
+            normalize,
+            [h.hidden_weight for h in heads] if all(hidden) else None,
+            [h.hidden_bias for h in heads] if all(hidden) else None,
+            heads[0].activation,
+        )
+
+    def task_head(self, t: int) -> TaskHead:
+        """Task ``t``'s head, unpadded (copies)."""
+        c = self.num_classes[t]
+        hidden = self.hidden_weight is not None
+        return TaskHead(
+            self.weight[t, :c].clone(),
+            self.bias[t, :c].clone(),
+            self.hidden_weight[t].clone() if hidden else None,
+            self.hidden_bias[t].clone() if hidden else None,
+            self.activation,
+        )
+
+    def subset(self, indices: list[int]) -> Heads:
+        """The heads of tasks ``indices`` (renumbered 0..k-1)."""
+        return Heads.stack([self.task_head(t) for t in indices], self.normalize)
 
     def forward(self, features: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         """features [B, F], task_ids [B] -> logits [B, C_max]."""
         if self.normalize:
             features = F.normalize(features, dim=-1)
-        weight = self.weight[task_ids]  # [B, C_max, F]: tiny, a gather is cheapest here
+        if self.hidden_weight is not None:
+            tasks, width = self.hidden_weight.shape[:2]
+            # every task's hidden layer on every row in one matmul ([B, T, H]; T is small),
+            # then each row keeps its own task's: cheaper than gathering [B, H, F] weights
+            hidden = F.linear(features, self.hidden_weight.reshape(tasks * width, -1))
+            hidden = hidden.view(-1, tasks, width) + self.hidden_bias
+            index = task_ids.view(-1, 1, 1).expand(-1, 1, width)
+            features = ACTIVATIONS[self.activation](hidden.gather(1, index).squeeze(1))
+        weight = self.weight[task_ids]  # [B, C_max, H]: tiny, a gather is cheapest here
         return torch.bmm(weight, features.unsqueeze(-1)).squeeze(-1) + self.bias[task_ids]
 
 

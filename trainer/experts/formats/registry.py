@@ -1,0 +1,244 @@
+"""The expert-format registry: every kind of fine-tuned checkpoint a task's ``expert`` may
+point at is one small module that registers a detector (is this path mine? decided from the
+files, cheaply) and a loader (-> the backbone weights in the BASE backbone's key layout, plus
+the task's head: the expert's own classification path, which is never merged).
+
+What every format shares lives here: reading safetensors and torch files with one-line errors,
+the linear head file, and the checks of a loaded expert against the base (architecture,
+tensor names and shapes, pooling, head width, class count), all before any training.
+
+The head file (``head.safetensors``): a safetensors file with ``weight`` [C, F] and ``bias``
+[C] (optional, zeros), and optional metadata ``classes`` (a JSON list of the C class names)
+and ``normalize`` ("true" when the head reads the L2-normalised feature).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ...backbones import Backbone
+from ...errors import UserError
+from ...surgery.model import TaskHead
+from ..checkpoints import StateDict, check_compatible
+
+HEAD_FILE = "head.safetensors"
+ZEROSHOT = "zeroshot"  # a task's head = "zeroshot": built from its class names (CLIP)
+
+
+@dataclass
+class ExpertSource:
+    """What a loader is given: the expert's local path and what it must fit."""
+
+    path: Path  # a folder or a file, already fetched when it was a hub id
+    task: str
+    classes: list[str]  # the task's class names; [] when its data names none
+    base: Backbone  # the configured base: its kind, key layout and settings
+    base_state: StateDict
+    head: str = ""  # the task's ``head``: "" (the expert's own), a head file, or "zeroshot"
+
+    @property
+    def where(self) -> str:
+        return f"task '{self.task}': expert {self.path}"
+
+
+@dataclass
+class LoadedExpert:
+    state: StateDict  # backbone weights, the base's names and shapes
+    head: TaskHead
+    classes: list[str] | None = None  # class names the expert carries (id2label, head file)
+    normalize: bool = False  # its head reads the L2-normalised feature
+    pooling: str | None = None  # text: the pooling its head reads; None = the backbone's own
+    format: str = ""
+
+
+@dataclass(frozen=True)
+class ExpertFormat:
+    name: str
+    detect: Callable[[Path], bool]
+    load: Callable[[ExpertSource], LoadedExpert]
+    expects: str  # what such an expert looks like, for the "unknown format" error
+
+
+FORMATS: dict[str, ExpertFormat] = {}
+
+
+def register(name: str, detect: Callable[[Path], bool], expects: str):
+    """Decorator: make ``load`` the loader of format ``name``, recognised by ``detect``."""
+
+    def wrap(load: Callable[[ExpertSource], LoadedExpert]):
+        if name in FORMATS:
+            raise ValueError(f"expert format '{name}' is registered twice")
+        FORMATS[name] = ExpertFormat(name, detect, load, expects)
+        return load
+
+    return wrap
+
+
+def detect_format(path: Path, task: str) -> ExpertFormat:
+    """The one format whose detector recognises ``path``; else a one-line error listing what
+    each format expects."""
+    found = [f for f in FORMATS.values() if f.detect(path)]
+    if not found:
+        expected = "; ".join(f"{f.name}: {f.expects}" for f in FORMATS.values())
+        raise UserError(f"task '{task}': expert {path} is in no known format; expected {expected}")
+    if len(found) > 1:
+        names = ", ".join(f.name for f in found)
+        raise UserError(f"task '{task}': expert {path} looks like several formats ({names})")
+    return found[0]
+
+
+def load_expert(source: ExpertSource, format_name: str = "") -> LoadedExpert:
+    """Detect (unless ``format_name`` is given), load, and check against the base."""
+    fmt = FORMATS[format_name] if format_name else detect_format(source.path, source.task)
+    loaded = fmt.load(source)
+    loaded.format = fmt.name
+    check_against_base(loaded, source)
+    return loaded
+
+
+def check_against_base(loaded: LoadedExpert, source: ExpertSource) -> None:
+    """Same tensors and shapes as the base (the first mismatch named), the pooling its head
+    reads, a head as wide as the feature, as many classes as the task."""
+    where = source.where
+    check_compatible(source.base_state, loaded.state, where)
+    pooling = getattr(source.base, "pooling", None)
+    if loaded.pooling and loaded.pooling != pooling:
+        raise UserError(
+            f"{where}: its head reads the '{loaded.pooling}' pooling of the tokens but "
+            f"backbone.pooling is '{pooling}'; set [backbone] pooling = \"{loaded.pooling}\""
+        )
+    head = loaded.head
+    reads = head.hidden_weight if head.hidden_weight is not None else head.weight
+    if reads.shape[-1] != source.base.feature_dim:
+        raise UserError(
+            f"{where}: its head reads {reads.shape[-1]} features, the base backbone gives "
+            f"{source.base.feature_dim}"
+        )
+    if loaded.classes is not None and len(loaded.classes) != head.num_classes:
+        raise UserError(
+            f"{where}: names {len(loaded.classes)} classes but its head has {head.num_classes}"
+        )
+    if source.classes and head.num_classes != len(source.classes):
+        raise UserError(
+            f"{where}: its head has {head.num_classes} classes, task '{source.task}' has "
+            f"{len(source.classes)} ({', '.join(source.classes[:4])}"
+            f"{', ...' if len(source.classes) > 4 else ''}); point the task at its own expert"
+        )
+
+
+# ---- reading files -------------------------------------------------------------------------
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def safetensors_keys(path: Path, what: str) -> list[str]:
+    """The tensor names of a safetensors file (its header only: cheap, for detectors)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return list(f.keys())
+    except Exception as exc:  # safetensors raises its own error types for a broken header
+        raise UserError(
+            f"{what} {path} is not a readable safetensors file ({_first_line(exc)}); "
+            "re-save it or point at the right file"
+        ) from None
+
+
+def read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; a corrupt one is a one-line error."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as exc:
+        raise UserError(
+            f"{what} {path} is not a readable safetensors file ({_first_line(exc)}); "
+            "re-save it or point at the right file"
+        ) from None
+
+
+def read_state(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """A state dict from a safetensors or torch file (``{"state_dict": ...}`` unwrapped)."""
+    if path.suffix == ".safetensors":
+        return read_safetensors(path, what)[0]
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(
+            f"{what} {path} cannot be read as a torch state dict ({_first_line(exc)}); a whole "
+            "model saved with torch.save(model) is refused: save model.state_dict() instead"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{what} {path} does not hold a state dict (names -> tensors)")
+    return state
+
+
+# ---- the head file -------------------------------------------------------------------------
+
+
+def read_head_file(path: Path, what: str) -> tuple[TaskHead, list[str] | None, bool | None]:
+    """-> (the linear head, its class names or None, its ``normalize`` flag or None)."""
+    if not path.is_file():
+        raise UserError(
+            f"{what}: head file {path} not found (expected a safetensors file with weight "
+            "[C, F] and bias [C])"
+        )
+    tensors, meta = read_safetensors(path, f"{what}: head file")
+    weight = tensors.get("weight")
+    if weight is None or weight.dim() != 2:
+        raise UserError(f"{what}: head file {path} has no 'weight' tensor of shape [C, F]")
+    bias = tensors.get("bias", torch.zeros(weight.shape[0]))
+    if tuple(bias.shape) != (weight.shape[0],):
+        raise UserError(
+            f"{what}: head file {path} has bias of shape {list(bias.shape)}, expected "
+            f"[{weight.shape[0]}] (one per row of weight)"
+        )
+    classes = None
+    if "classes" in meta:
+        try:
+            classes = json.loads(meta["classes"])
+        except json.JSONDecodeError:
+            classes = None
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise UserError(f"{what}: head file {path}: metadata 'classes' is not a JSON list")
+    normalize = None
+    if "normalize" in meta:
+        normalize = meta["normalize"].strip().lower() == "true"
+    return TaskHead(weight.float(), bias.float()), classes, normalize
+
+
+def write_head_file(
+    path: Path, head: TaskHead, classes: list[str] | None = None, normalize: bool = False
+) -> Path:
+    """Write a linear ``head`` as a head file (the format ``read_head_file`` reads)."""
+    if head.hidden_weight is not None:
+        raise ValueError("a head file holds a linear head; this head has a hidden layer")
+    metadata = {"normalize": "true" if normalize else "false"}
+    if classes is not None:
+        metadata["classes"] = json.dumps(list(classes))
+    tensors = {"weight": head.weight.float().contiguous(), "bias": head.bias.float().contiguous()}
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def head_path(source: ExpertSource, default: Path | None) -> Path:
+    """The task's ``head`` file when set, else ``default`` (a head file inside the expert)."""
+    if source.head:
+        return Path(source.head).expanduser()
+    if default is not None and default.is_file():
+        return default
+    raise UserError(
+        f"{source.where} carries no classification head: put {HEAD_FILE} (safetensors with "
+        'weight [C, F] and bias [C]) beside it, or set the task\'s head = "FILE"'
+        + (' or head = "zeroshot"' if source.base.normalize_head else "")
+    )
