@@ -312,6 +312,7 @@ def check_address(address: str) -> str:
             f"--address {address!r}: use local, auto, HOST:PORT (the head's GCS, e.g. "
             "10.0.0.1:6379) or ray://HOST:PORT (Ray Client, e.g. ray://10.0.0.1:10001)"
         )
+    _token_auth_for_join()
     host = m["host"].strip("[]")
     try:
         with socket.create_connection((host, int(m["port"])), timeout=5):
@@ -322,6 +323,24 @@ def check_address(address: str) -> str:
             "the Ray head running (ray start --head) and the port open?"
         ) from None
     return address
+
+
+def _token_auth_for_join() -> None:
+    """Ray clusters use token authentication by default; a driver joining by address only
+    sends the token when RAY_AUTH_MODE=token. Turn it on when a token is at hand (as Ray does
+    for the clusters it starts itself), so a join does not fail as 'cannot connect'."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token"
+    if os.environ.get("RAY_AUTH_TOKEN") or Path(token_file).is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+        log.info("joining with Ray token authentication (RAY_AUTH_MODE=token)")
+
+
+AUTH_HINT = (
+    "if the cluster uses token authentication (Ray's default), give this machine the head's "
+    "token: RAY_AUTH_TOKEN=... or ~/.ray/auth_token (see `ray get-auth-token` on the head)"
+)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -472,7 +491,9 @@ class Deployer:
                 ray.init(address=args.address, **kw)
             except Exception as e:  # ConnectionError, RuntimeError, auth errors...
                 first = " ".join(str(e).split())[:300]
-                raise ScaleError(f"--address {args.address}: cannot join Ray ({first})") from None
+                raise ScaleError(
+                    f"--address {args.address}: cannot join Ray ({first}); {AUTH_HINT}"
+                ) from None
         log.info(
             "Ray: %s, %s CPUs, %s nodes",
             args.address,
@@ -531,10 +552,15 @@ class Deployer:
         }
 
     def stop(self) -> None:
+        if not self.ray.is_initialized():
+            return
         try:
-            self.serve.delete(self.args.name)
+            if self.version is not None or self.path is not None:
+                self.serve.delete(self.args.name)
             if self.args.address == "local":
                 self.serve.shutdown()
+        except Exception as e:  # stopping must not hide why we stop
+            log.warning("stopping Serve: %s", " ".join(str(e).split())[:200])
         finally:
             self.ray.shutdown()
 
