@@ -146,7 +146,7 @@ class HFTextBackbone(Backbone):
         """An expert's transformers ``config`` must define the same function as the base's."""
         for key in ARCHITECTURE_KEYS:
             theirs, ours = getattr(config, key, None), getattr(self.model.config, key, None)
-            if theirs != ours:
+            if theirs is not None and ours is not None and theirs != ours:  # None: the default
                 raise UserError(
                     f"{where}: config {key} is {theirs!r}, the base backbone's is {ours!r}; "
                     "experts must be fine-tuned from the configured base"

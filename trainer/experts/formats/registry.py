@@ -218,12 +218,15 @@ def read_head_file(path: Path, what: str) -> tuple[TaskHead, list[str] | None, b
 
 
 def write_head_file(
-    path: Path, head: TaskHead, classes: list[str] | None = None, normalize: bool = False
+    path: Path, head: TaskHead, classes: list[str] | None = None, normalize: bool | None = None
 ) -> Path:
-    """Write a linear ``head`` as a head file (the format ``read_head_file`` reads)."""
+    """Write a linear ``head`` as a head file (the format ``read_head_file`` reads); ``None``
+    leaves a field out."""
     if head.hidden_weight is not None:
         raise ValueError("a head file holds a linear head; this head has a hidden layer")
-    metadata = {"normalize": "true" if normalize else "false"}
+    metadata = {}
+    if normalize is not None:
+        metadata["normalize"] = "true" if normalize else "false"
     if classes is not None:
         metadata["classes"] = json.dumps(list(classes))
     tensors = {"weight": head.weight.float().contiguous(), "bias": head.bias.float().contiguous()}

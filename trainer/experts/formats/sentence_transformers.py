@@ -94,6 +94,13 @@ def load(source: ExpertSource) -> LoadedExpert:
     modules = read_modules(source.path, where)
     pooling = read_pooling(modules["Pooling"], where)
     normalize = "Normalize" in modules
+    path = head_path(source, source.path / HEAD_FILE)
+    head, classes, head_normalize = read_head_file(path, where)
+    if head_normalize is not None and head_normalize != normalize:
+        raise UserError(
+            f"{where}: head file {path} says normalize = {str(head_normalize).lower()} but the "
+            f"folder {'has' if normalize else 'has no'} Normalize module"
+        )
     folder = modules["Transformer"]
     source.base.check_same_architecture(AutoConfig.from_pretrained(folder), where)
     try:
@@ -109,11 +116,4 @@ def load(source: ExpertSource) -> LoadedExpert:
         for k, v in encoder.state_dict().items()
         if not k.startswith("pooler.")
     }
-    path = head_path(source, source.path / HEAD_FILE)
-    head, classes, head_normalize = read_head_file(path, where)
-    if head_normalize is not None and head_normalize != normalize:
-        raise UserError(
-            f"{where}: head file {path} says normalize = {str(head_normalize).lower()} but the "
-            f"folder {'has' if normalize else 'has no'} Normalize module"
-        )
     return LoadedExpert(state, head, classes=classes, normalize=normalize, pooling=pooling)
