@@ -1,7 +1,7 @@
 """transformers vision transformers: CLIP's vision tower, ViT and DINOv2.
 
-``backbone.path`` is a local model folder or a Hugging Face hub id (downloaded with
-huggingface_hub when online; with ``HF_HUB_OFFLINE=1`` only the local cache is read). Accepted:
+``backbone.path`` is a local model folder or a Hugging Face hub id (``trainer.hub``: downloaded
+when online; with ``HF_HUB_OFFLINE=1`` only the local cache is read). Accepted:
 a full ``CLIPModel`` folder (its vision tower and ``visual_projection``; the text tower is not
 loaded), ``CLIPVisionModel`` / ``CLIPVisionModelWithProjection``, ``ViTModel`` (or a
 ``ViTForImageClassification`` folder: its head is ignored) and ``Dinov2Model``. Weights stored
@@ -31,8 +31,6 @@ interpolated (bicubic) to the new patch grid, as the libraries' ``interpolate_po
 from __future__ import annotations
 
 import json
-import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +39,11 @@ from PIL import Image
 from torch import nn
 
 from ..errors import UserError
+from ..hub import resolve_source
 from .base import Backbone
 
 FAMILIES = ("clip", "vit", "dinov2")
 PROCESSOR_FILE = "preprocessor_config.json"
-# A hub id is "owner/name" (letters, digits, '-', '_', '.'); anything else must be a local folder.
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-_HUB_FILES = ["*.json", "*.safetensors", "*.txt"]  # config, weights, processor, tokenizer
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL's numbering
 _PIL_RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -88,43 +84,13 @@ _DEFAULT_PROCESSORS = {
 
 
 def resolve_model_source(path: str, what: str = "backbone.path") -> Path:
-    """A local model folder, or a hub id fetched (or read from the local cache) with
-    huggingface_hub. With ``HF_HUB_OFFLINE=1`` nothing is downloaded: an id missing from the
-    cache is a one-line error saying so."""
-    local = Path(path).expanduser()
-    if local.is_dir():
-        if not (local / "config.json").is_file():
-            raise UserError(
-                f"{what} {local} has no config.json: expected a transformers model folder "
-                "(config.json, model.safetensors, preprocessor_config.json)"
-            )
-        return local
-    if not _HUB_ID.fullmatch(path):
-        raise UserError(
-            f"{what} '{path}' is neither a local folder nor a Hugging Face hub id (owner/name)"
-        )
-    from huggingface_hub import snapshot_download
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    try:
-        folder = Path(snapshot_download(path, allow_patterns=_HUB_FILES, local_files_only=offline))
-        if not any(folder.glob("*.safetensors")):  # an older repo with only pytorch_model.bin
-            folder = Path(
-                snapshot_download(path, allow_patterns=["*.bin"], local_files_only=offline)
-            )
-    except Exception as exc:  # huggingface_hub raises many types (offline, 404, auth, network)
-        if offline:
-            raise UserError(
-                f"{what} '{path}' is not a local folder and this hub id is not in the local "
-                "Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it; download it "
-                "once online (unset HF_HUB_OFFLINE) or give a local folder"
-            ) from None
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"{what}: cannot fetch '{path}' from the Hugging Face hub: {first}"
-        ) from None
+    """A local model folder, or a hub id fetched (or, offline, read from the local cache)."""
+    folder = resolve_source(path, what)
     if not (folder / "config.json").is_file():
-        raise UserError(f"{what}: hub repo '{path}' has no config.json (not a transformers model)")
+        raise UserError(
+            f"{what} {folder} has no config.json: expected a transformers model folder "
+            "(config.json, model.safetensors, preprocessor_config.json) or a hub id"
+        )
     return folder
 
 
