@@ -312,7 +312,6 @@ def check_address(address: str) -> str:
             f"--address {address!r}: use local, auto, HOST:PORT (the head's GCS, e.g. "
             "10.0.0.1:6379) or ray://HOST:PORT (Ray Client, e.g. ray://10.0.0.1:10001)"
         )
-    _token_auth_for_join()
     host = m["host"].strip("[]")
     try:
         with socket.create_connection((host, int(m["port"])), timeout=5):
@@ -322,6 +321,7 @@ def check_address(address: str) -> str:
             f"--address {address}: cannot reach {host}:{m['port']} ({e.strerror or e}); is "
             "the Ray head running (ray start --head) and the port open?"
         ) from None
+    _token_auth_for_join()
     return address
 
 
@@ -485,7 +485,7 @@ class Deployer:
         kw = {"logging_level": logging.WARNING, "log_to_driver": args.log_level == "DEBUG"}
         if args.address == "local":
             kw |= {"include_dashboard": False, "num_cpus": args.num_cpus}
-            ray.init(**kw)
+            ray.init(address="local", **kw)  # always a new Ray, even if `ray start` ran here
         else:
             try:
                 ray.init(address=args.address, **kw)
