@@ -42,6 +42,7 @@ class RayServer:
         cmd = [sys.executable, "-m", "runtime.serve_ray", "--model", str(models)]
         cmd += ["--replicas", "2", "--port", str(self.port), "--num-cpus", "4"]
         cmd += ["--providers", "cpu", "--port-file", str(port_file)]
+        cmd += ["--max-queue", "4", "--max-ongoing", "4"]
         cmd += ["--status-file", str(self.status_file)]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
@@ -136,6 +137,32 @@ def test_same_answers_health_and_reflection_as_runtime_server(ray_server):
 
     services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
     assert {"deepsurgery.v1.Inference", "grpc.health.v1.Health"} <= services
+
+
+def test_max_queue_refuses_a_burst_with_resource_exhausted(ray_server):
+    import asyncio
+
+    server, _ = ray_server
+
+    async def burst() -> list:
+        async with grpc.aio.insecure_channel(server.addr) as channel:
+            stub = pb_grpc.InferenceStub(channel)
+
+            async def one(i: int):
+                try:
+                    await stub.Predict(text_request("*", f"the game {i}"), timeout=60)
+                    return "OK", ""
+                except grpc.RpcError as e:
+                    return e.code().name, e.details()
+
+            return await asyncio.gather(*(one(i) for i in range(200)))
+
+    results = asyncio.run(burst())
+    codes = {c for c, _ in results}
+    assert codes <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+    refused = [d for c, d in results if c == "RESOURCE_EXHAUSTED"]
+    assert refused and all("queue full" in d for d in refused)
+    assert len(refused) < len(results)  # the ones that fit were answered
 
 
 def test_killed_replica_loses_no_request_and_comes_back(ray_server):
