@@ -234,9 +234,25 @@ class Experiment:
         return MultiTaskModel(self.backbone(trained.state), heads, self.names).to(self.device)
 
 
-def prepare(config: Config, *, data_root: Path, cache: Path, device: torch.device) -> Experiment:
-    """Inputs (all checked before any training), pre-training, experts, and the experts'
-    representations: everything the rows share."""
+@dataclass
+class Experts:
+    """Steps 1-2 of :func:`prepare`: the checked inputs and every task's expert (what
+    ``trainer.export_experts`` writes out, without the representations)."""
+
+    tasks: list[TaskData]
+    base: Backbone
+    experts: list[Expert]
+    heads: Heads
+    unlabeled: list | None
+    pretrain: dict | None
+    timing: dict[str, float]
+    clock: float
+
+
+def gather_experts(
+    config: Config, *, data_root: Path, cache: Path, device: torch.device
+) -> Experts:
+    """Inputs (all checked before any training), pre-training and the experts."""
     clock = time.perf_counter()
     timing: dict[str, float] = {}
     # ---- 1. inputs: tasks, unlabeled data, the base (all checked before any training) -------
@@ -264,7 +280,9 @@ def prepare(config: Config, *, data_root: Path, cache: Path, device: torch.devic
             f"blocks; use 0..{base.num_blocks} (0 = adapters after every block)"
         )
     # every expert given as files: read and checked against the base before any training
-    given = load_given_experts(config.tasks, tasks, base, base.state_dict(), data_root)
+    given = load_given_experts(
+        config.tasks, tasks, base, base.state_dict(), data_root, config.backbone.path
+    )
     for task in tasks:
         untrained = task.train is None or task.train.labels is None
         if untrained and task.name not in given:
@@ -310,6 +328,16 @@ def prepare(config: Config, *, data_root: Path, cache: Path, device: torch.devic
     timing["experts"] = round(time.perf_counter() - clock, 2)
     clock = time.perf_counter()
     heads = expert_heads(experts).to(device)
+    return Experts(tasks, base, experts, heads, unlabeled, pretrain, timing, clock)
+
+
+def prepare(config: Config, *, data_root: Path, cache: Path, device: torch.device) -> Experiment:
+    """Inputs (all checked before any training), pre-training, experts, and the experts'
+    representations: everything the rows share."""
+    gathered = gather_experts(config, data_root=data_root, cache=cache, device=device)
+    tasks, base, experts, heads = gathered.tasks, gathered.base, gathered.experts, gathered.heads
+    unlabeled, sc = gathered.unlabeled, config.surgery
+    wants_surgery = any(m != "none" for m in sc.modes)
 
     # ---- 3. the experts' representations: the individual row, bias and surgery targets ------
     batch_size = config.eval.batch_size
@@ -343,9 +371,9 @@ def prepare(config: Config, *, data_root: Path, cache: Path, device: torch.devic
         test_targets=test_targets,
         train_targets=train_targets,
         individual=individual,
-        pretrain=pretrain,
-        timing=timing,
-        _clock=clock,
+        pretrain=gathered.pretrain,
+        timing=gathered.timing,
+        _clock=gathered.clock,
     )
     experiment.lap("targets")
     return experiment

@@ -42,9 +42,11 @@ def load_given_experts(
     base: Backbone,
     base_state: StateDict,
     data_root: Path,
+    base_path: str = "",
 ) -> dict[str, LoadedExpert]:
     """Every task's ``expert`` / ``checkpoint``, read and checked; fills in the class names of
-    tasks whose data names none from their expert. -> {task name: loaded expert}."""
+    tasks whose data names none from their expert. ``base_path``: the config's backbone.path
+    (where a zero-shot head finds CLIP's text tower). -> {task name: loaded expert}."""
     configs = {t.name: t for t in task_configs}
     loaded = {}
     for task in tasks:
@@ -57,7 +59,7 @@ def load_given_experts(
         else:
             path = resolve_path(cfg.checkpoint, data_root)
         head = cfg.head if cfg.head in ("", ZEROSHOT) else str(resolve_path(cfg.head, data_root))
-        source = ExpertSource(path, task.name, task.classes, base, base_state, head)
+        source = ExpertSource(path, task.name, task.classes, base, base_state, head, base_path)
         expert = load_expert(source, "" if cfg.expert else "deepsurgery")
         expert.state = {k: v.to(base_state[k].dtype) for k, v in expert.state.items()}
         if not task.classes:

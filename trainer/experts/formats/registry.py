@@ -42,6 +42,7 @@ class ExpertSource:
     base: Backbone  # the configured base: its kind, key layout and settings
     base_state: StateDict
     head: str = ""  # the task's ``head``: "" (the expert's own), a head file, or "zeroshot"
+    base_path: str = ""  # the config's backbone.path (a zero-shot head's text tower)
 
     @property
     def where(self) -> str:
@@ -232,6 +233,15 @@ def write_head_file(
     tensors = {"weight": head.weight.float().contiguous(), "bias": head.bias.float().contiguous()}
     save_file(tensors, str(path), metadata=metadata)
     return path
+
+
+def linear_head(
+    source: ExpertSource, default: Path | None, normalize: bool
+) -> tuple[TaskHead, list[str] | None, bool]:
+    """The task's head file (or ``default``): (head, class names, normalize), the file's
+    ``normalize`` metadata overriding the format's convention ``normalize``."""
+    head, classes, flag = read_head_file(head_path(source, default), source.where)
+    return head, classes, normalize if flag is None else flag
 
 
 def head_path(source: ExpertSource, default: Path | None) -> Path:
