@@ -160,3 +160,44 @@ def test_sighup_and_watch_in_a_real_process(tmp_path):
     assert len(refusals) == 1 and "model version 3 refused" in refusals[0], err
     assert "SIGHUP" in err and "now serving version 2" in err and "now serving version 3" in err
     assert "Traceback" not in err
+
+
+def test_plain_model_dir_reloads_only_when_its_files_change(tmp_path):
+    from runtime.server import build_parser, load_model, make_versions
+
+    model_dir = make_text_model_dir(tmp_path / "model", per_task=False)
+    args = build_parser().parse_args(["--model", str(model_dir)])
+    manager = make_versions(args)
+    first = manager.initial()
+    assert first.version is None and manager.reload() is None  # unchanged: nothing to do
+    make_text_model_dir(model_dir, tasks=NEW_TASKS, per_task=False, seed=1)  # rewritten
+    model, cand = manager.reload()
+    assert cand.version is None and model.names == list(NEW_TASKS)
+    assert load_model(args).names == list(NEW_TASKS)
+
+
+def test_a_failing_parity_record_is_refused(tmp_path, caplog):
+    import json
+
+    from runtime.versions import check_parity_record
+
+    check_parity_record({"parity": {}}, tmp_path)  # no record: the probe run decides
+    check_parity_record({"parity": {"max_abs_logit_diff": 3e-6, "top1_agreement": 1.0}}, tmp_path)
+    with pytest.raises(ModelDirError, match="fp32 bar"):
+        check_parity_record(
+            {"parity": {"max_abs_logit_diff": 0.5, "top1_agreement": 0.9}}, tmp_path
+        )
+    with pytest.raises(ModelDirError, match="fp16 bar"):
+        check_parity_record(
+            {"precision": "fp16", "parity": {"max_abs_logit_diff": 0.01, "top1_agreement": 0.9}},
+            tmp_path,
+        )
+    add_version(tmp_path, 1)
+    bad = add_version(tmp_path, 2, seed=1)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["parity"] = {"max_abs_logit_diff": float("nan"), "top1_agreement": 1.0}
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level(logging.ERROR, logger="runtime.versions"):
+        with ServerThread(tmp_path) as server:
+            assert server.rt.model.version == 1
+    assert "model version 2 refused" in caplog.text and "not a finite number" in caplog.text
