@@ -195,7 +195,15 @@ class Ingress:
                 )
             except (RayActorError, DeploymentUnavailableError) as e:
                 last = e  # the replica died or is unreachable: inference is pure, so retry
-                await asyncio.sleep(0.05 * (attempt + 1))
+                if attempt < self.retries:
+                    logging.getLogger("ray.serve").warning(
+                        "%s: model replica lost (%s); try %d of %d",
+                        method,
+                        type(e).__name__,
+                        attempt + 2,
+                        self.retries + 1,
+                    )
+                    await asyncio.sleep(0.05 * (attempt + 1))
         first = " ".join(str(last).split())[:200]
         return None, (
             grpc.StatusCode.UNAVAILABLE,
