@@ -11,12 +11,19 @@ from .demo import generate
 from .tasks import TaskData, load_task
 
 
+def demo_folder(config: Config, cache: Path) -> Path:
+    """Where the generated demo tasks of ``config`` live: ``<cache>/demo-data/<key>``."""
+    options = {"train": 600, "test": 300, "tasks": None, **config.demo}
+    names = options.pop("tasks") or None
+    key = json.dumps([config.seed, options, names], sort_keys=True).encode()
+    return cache / "demo-data" / hashlib.sha256(key).hexdigest()[:16]
+
+
 def load_tasks(config: Config, data_root: Path, cache: Path) -> list[TaskData]:
     if config.demo:
         options = {"train": 600, "test": 300, "tasks": None, **config.demo}
         names = options.pop("tasks") or None
-        key = json.dumps([config.seed, options, names], sort_keys=True).encode()
-        folder = cache / "demo-data" / hashlib.sha256(key).hexdigest()[:16]
+        folder = demo_folder(config, cache)
         if not (folder / ".complete").is_file():
             generate(
                 folder,

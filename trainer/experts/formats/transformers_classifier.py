@@ -42,7 +42,20 @@ def detect(path: Path) -> bool:
     )
 
 
-def _linear_pair(hidden: nn.Linear, out: nn.Linear, activation: str) -> TaskHead:
+def head_modules(model: nn.Module, model_type: str) -> tuple[nn.Linear, nn.Linear, str]:
+    """(hidden layer, output layer, activation) of a ``*ForSequenceClassification``: the path
+    from the [CLS] hidden state to its logits."""
+    if model_type == "bert":
+        return model.bert.pooler.dense, model.classifier, "tanh"
+    if model_type == "distilbert":
+        return model.pre_classifier, model.classifier, "relu"
+    activation = "gelu" if model_type == "electra" else "tanh"
+    return model.classifier.dense, model.classifier.out_proj, activation
+
+
+def classification_head(model: nn.Module, model_type: str) -> TaskHead:
+    """The expert's classification path as a TaskHead."""
+    hidden, out, activation = head_modules(model, model_type)
     return TaskHead(
         out.weight.detach().float().clone(),
         out.bias.detach().float().clone(),
@@ -50,16 +63,6 @@ def _linear_pair(hidden: nn.Linear, out: nn.Linear, activation: str) -> TaskHead
         hidden.bias.detach().float().clone(),
         activation,
     )
-
-
-def classification_head(model: nn.Module, model_type: str) -> TaskHead:
-    """The expert's path from the [CLS] hidden state to its logits, as a TaskHead."""
-    if model_type == "bert":
-        return _linear_pair(model.bert.pooler.dense, model.classifier, "tanh")
-    if model_type == "distilbert":
-        return _linear_pair(model.pre_classifier, model.classifier, "relu")
-    activation = "gelu" if model_type == "electra" else "tanh"
-    return _linear_pair(model.classifier.dense, model.classifier.out_proj, activation)
 
 
 @register(
