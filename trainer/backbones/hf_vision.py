@@ -35,14 +35,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 from PIL import Image
 from torch import nn
+from transformers import AutoConfig, PretrainedConfig
 
 from ..errors import UserError
 from ..hub import resolve_source
 from .base import Backbone
 
-FAMILIES = ("clip", "vit", "dinov2")
 PROCESSOR_FILE = "preprocessor_config.json"
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL's numbering
 _PIL_RESAMPLE = {
@@ -94,14 +95,13 @@ def resolve_model_source(path: str, what: str = "backbone.path") -> Path:
     return folder
 
 
-def _load_tower(source: Path, pretrained: bool) -> tuple[str, nn.Module, nn.Module | None, object]:
+def _load_tower(
+    source: Path, pretrained: bool
+) -> tuple[str, nn.Module, nn.Module | None, PretrainedConfig]:
     """-> (family, vision transformer module, visual projection or None, its config).
 
     A full CLIPModel folder loads as CLIPVisionModelWithProjection (the vision tower and
     ``visual_projection``; the CLIP config's ``projection_dim`` carried over)."""
-    import transformers
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(source)
     kwargs: dict = {}
     model_type = config.model_type

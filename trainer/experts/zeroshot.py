@@ -21,9 +21,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+from transformers import AutoConfig, AutoTokenizer, CLIPModel
 
 from ..backbones.hf_vision import resolve_model_source
 from ..errors import UserError
@@ -122,8 +124,6 @@ def templates_for(task: str) -> list[str]:
 
 def _hf_text_tower(source: str | Path) -> tuple[Callable[[list[str]], torch.Tensor], float]:
     """A transformers CLIPModel: (texts -> projected text features [N, F], logit scale)."""
-    from transformers import AutoConfig, AutoTokenizer, CLIPModel
-
     folder = resolve_model_source(str(source), "zero-shot text tower")
     if AutoConfig.from_pretrained(folder).model_type != "clip":
         raise UserError(
@@ -150,8 +150,6 @@ def _open_clip_text_tower(
     model_name: str, weights: str | Path | None
 ) -> tuple[Callable[[list[str]], torch.Tensor], float]:
     """An open_clip CLIP: (texts -> projected text features [N, F], logit scale)."""
-    import open_clip
-
     schema = model_name.startswith(("hf-hub:", "local-dir:"))
     if not schema and weights and not Path(weights).is_file():
         raise UserError(f"open_clip weights {weights} not found (expected a .pt/.safetensors file)")
