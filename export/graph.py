@@ -1,4 +1,4 @@
-"""Trace the trainer's ``MultiTaskModel.forward`` into ONNX; fp16 conversion; CPU sessions.
+"""Trace the trainer's ``MultiTaskModel.forward`` into ONNX; fp16 and int8; CPU sessions.
 
 The graphs are thin wrappers that turn positional tensors into the batch dict the trainer's
 forward takes, so there is no second implementation of the forward pass: what is exported is
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from modeldir import INPUT_INDEX, TASK_IDS, backbone_input_names
 from trainer.errors import UserError
 from trainer.surgery.model import MultiTaskModel
 
@@ -27,12 +29,15 @@ DEFAULT_OPSET = 18
 
 
 def input_names(modality: str) -> list[str]:
-    """The backbone's graph inputs, in the order the graph takes them (task_ids comes last)."""
-    return ["pixel_values"] if modality == "image" else ["input_ids", "attention_mask"]
+    """The backbone's graph inputs, in the order the graph takes them (input_index and
+    task_ids come last)."""
+    return list(backbone_input_names(modality))
 
 
 class FusedGraph(nn.Module):
-    """(inputs..., task_ids [B]) -> logits [B, C_max]: every task in one graph."""
+    """(inputs... [N, ...], input_index [R], task_ids [R]) -> logits [R, C_max]: every task in
+    one graph. Row r is task ``task_ids[r]`` on input ``input_index[r]``; the backbone up to the
+    first task-specific operation runs once per distinct input (``model.shared_blocks``)."""
 
     def __init__(self, model: MultiTaskModel):
         super().__init__()
@@ -40,8 +45,9 @@ class FusedGraph(nn.Module):
         self.names = input_names(model.backbone.modality)
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        *inputs, task_ids = tensors
-        return self.model(dict(zip(self.names, inputs, strict=True)), task_ids)
+        *inputs, input_index, task_ids = tensors
+        batch = dict(zip(self.names, inputs, strict=True))
+        return self.model(batch, task_ids, input_index)
 
 
 class SingleTaskGraph(nn.Module):
@@ -61,27 +67,28 @@ class SingleTaskGraph(nn.Module):
         return self.model(batch, task_ids)[:, : self.num_classes]
 
 
-def _dynamic_shapes(modality: str, with_task_ids: bool) -> tuple:
-    batch = torch.export.Dim("batch")
+def _dynamic_shapes(modality: str, fused: bool) -> tuple:
+    """Dynamic N (distinct inputs), R (output rows) and, for text, S (sequence)."""
+    inputs = torch.export.Dim("inputs")
     if modality == "image":
-        specs = [{0: batch}]
+        specs = [{0: inputs}]
     else:
         sequence = torch.export.Dim("sequence")
-        specs = [{0: batch, 1: sequence}, {0: batch, 1: sequence}]
-    if with_task_ids:
-        specs.append({0: batch})
+        specs = [{0: inputs, 1: sequence}, {0: inputs, 1: sequence}]
+    if fused:
+        rows = torch.export.Dim("rows")
+        specs += [{0: rows}, {0: rows}]
     return (tuple(specs),)  # the wrappers take *tensors: one positional slot holding them all
 
 
 def export_graph(
     graph: nn.Module, example: tuple[torch.Tensor, ...], path: Path, opset: int = DEFAULT_OPSET
 ) -> None:
-    """torch.export (dynamo) the wrapper to a single self-contained ``path``, dynamic B (and S).
-
-    ``example`` must have B >= 2 (and S >= 2): torch.export specialises dimensions of size 1.
-    """
+    """torch.export (dynamo) the wrapper to a single self-contained ``path``, dynamic N, R (and
+    S). ``example`` must have N >= 2, R >= 2, N != R (and S >= 2): torch.export specialises
+    dimensions of size 1 and would tie equal ones."""
     fused = isinstance(graph, FusedGraph)
-    names = list(graph.names) + (["task_ids"] if fused else [])
+    names = list(graph.names) + ([INPUT_INDEX, TASK_IDS] if fused else [])
     graph = graph.eval()
     log = io.StringIO()
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(log):
@@ -125,6 +132,45 @@ def convert_to_fp16(path: Path) -> list[str]:
     OnnxModel.graph_topological_sort(model16.graph)
     onnx.save(model16, str(path))
     return kept
+
+
+def convert_to_int8(path: Path) -> dict:
+    """fp32 graph -> int8, in place, with onnxruntime's dynamic quantization: the MatMuls
+    whose weight is a constant (the backbone's linear layers, nearly all of its FLOPs) get int8
+    weights (per tensor, symmetric) and uint8 activations quantized on the fly per batch.
+    Everything else stays fp32: the adapters and heads (their weights are gathered per row,
+    so they are not constants), the attention score MatMuls, embeddings, LayerNorm, softmax.
+    Dynamic, not static: no calibration data is needed and each batch gets its own activation
+    range. Returns what was quantized, for the manifest."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load(str(path))
+    constants = {i.name for i in model.graph.initializer}
+    nodes = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in constants]
+    total = sum(n.op_type == "MatMul" for n in model.graph.node)
+    root = logging.getLogger()  # the quantizer logs a pre-processing hint on the root logger
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        quantize_dynamic(
+            model,
+            str(path),
+            op_types_to_quantize=["MatMul"],
+            nodes_to_quantize=nodes,
+            weight_type=QuantType.QInt8,
+            per_channel=False,
+            extra_options={"MatMulConstBOnly": True},
+        )
+    finally:
+        root.setLevel(level)
+    return {
+        "method": "onnxruntime.quantization.quantize_dynamic",
+        "weights": "int8, per tensor, symmetric",
+        "activations": "uint8, dynamic (range of each batch)",
+        "quantized_matmuls": len(nodes),
+        "fp32_matmuls": total - len(nodes),
+        "kept_fp32": "adapters, heads, attention scores, embeddings, normalisation",
+    }
 
 
 def probe_session(path: Path) -> None:

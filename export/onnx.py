@@ -1,13 +1,22 @@
 """python -m export.onnx: a trainer bundle -> ONE fused multi-task ONNX graph, verified.
 
     python -m export.onnx --tasks all|name,name [--bundle DIR] [--out DIR]
-                          [--precision fp32|fp16] [--per-task] [--opset N] [--force]
+                          [--precision fp32|fp16|int8] [--adapter-form auto|masked|gather]
+                          [--per-task] [--opset N] [--force]
 
 The graph is traced from the trainer's own ``MultiTaskModel.forward`` (shared merged backbone,
-each row's task adapters, each row's task head), so the served model is the measured one.
+each row's task adapters, each row's task head), so the served model is the measured one. It
+takes the N distinct inputs of a batch once, plus per output row ``input_index`` and
+``task_ids``: everything before the first task-specific operation runs once per distinct
+input (the whole backbone for ``none``/``surgery`` bundles, blocks 1..k for SurgeryV2 with
+branch block k), then the rows fan out. ``--adapter-form auto`` exports both adapter forms
+(masked-dense, per-row gather), times them in onnxruntime on the held-out batches and keeps
+the faster; the manifest records the choice and the timings. ``--precision int8``: dynamic
+int8 quantization of the backbone's linear layers (adapters and heads stay fp32).
 Before anything is kept, the graph is checked, loaded in onnxruntime (CPU provider) and compared
-with PyTorch on held-out inputs of every task; the export fails, leaving nothing in ``--out``,
-if fp32 parity is worse than 1e-4 max |Δlogit| or any top-1 differs (fp16: top-1 >= 99.5%).
+with PyTorch on held-out batches of distinct and repeated inputs of every task; the export
+fails, leaving nothing in ``--out``, if fp32 parity is worse than 1e-4 max |Δlogit| or any
+top-1 differs (fp16: top-1 >= 99.5%, int8: top-1 >= 95%).
 The output directory (model.onnx, manifest.json, tokenizer.json for text) is the contract the
 runtime reads; it is written to a temporary sibling and renamed at the end.
 """
@@ -18,6 +27,8 @@ import argparse
 import os
 import re
 import shutil
+import statistics
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +38,20 @@ import torch
 
 from modeldir import (
     FORMAT_VERSION,
+    INPUT_INDEX,
     MANIFEST,
+    PARITY_BARS,
+    PRECISIONS,
+    TASK_IDS,
     atomic_directory,
+    graph_inputs,
     sha256_file,
     task_entries,
     write_json_atomic,
 )
 from trainer.errors import UserError, run_cli
 from trainer.results.bundle import load_bundle
+from trainer.surgery.adapters import ADAPTER_FORMS
 from trainer.surgery.model import PAD_LOGIT, MultiTaskModel
 
 from .graph import (
@@ -43,17 +60,17 @@ from .graph import (
     SingleTaskGraph,
     check_graph,
     convert_to_fp16,
+    convert_to_int8,
     cpu_session,
     export_graph,
     input_names,
 )
-from .parity import batches, compare, held_out_inputs
+from .parity import HeldOutBatch, batches, compare, describe, held_out_inputs
 
-FP32_MAX_ABS_DIFF = 1e-4  # fp32 must match PyTorch to 1e-4 with identical top-1
-FP32_MIN_TOP1 = 1.0
-FP16_MIN_TOP1 = 0.995
 ROWS_PER_TASK = 8
 OPSETS = range(17, 24)
+FORM_CHOICES = ("auto", *ADAPTER_FORMS)
+FORM_ROUNDS = 5  # interleaved timing rounds per adapter form (--adapter-form auto)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,7 +78,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tasks", default="all", help="'all' or a comma-separated list of task names")
     p.add_argument("--bundle", type=Path, help="bundle dir (default: newest runs/*/bundle)")
     p.add_argument("--out", type=Path, help="output dir (default: <run>/onnx beside the bundle)")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument(
+        "--adapter-form",
+        choices=FORM_CHOICES,
+        default="auto",
+        help="adapters as masked-dense or per-row gather; auto: the faster in onnxruntime",
+    )
     p.add_argument(
         "--per-task",
         action="store_true",
@@ -78,16 +101,26 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     code, result = run_cli(
         lambda: export(
-            args.bundle, args.out, args.tasks, args.precision, args.per_task, args.opset, args.force
+            args.bundle,
+            args.out,
+            args.tasks,
+            args.precision,
+            args.per_task,
+            args.opset,
+            args.force,
+            args.adapter_form,
         )
     )
     if code:
         return code
     manifest, out = result
-    parity = manifest["parity"]
+    parity, form = manifest["parity"], manifest["adapter_form"]
+    timings = ", ".join(f"{k} {v:.1f} ms" for k, v in (form.get("timings_ms") or {}).items())
     print(
         f"wrote {out}/model.onnx ({manifest['precision']}, opset {manifest['opset']}, "
-        f"{len(manifest['tasks'])} tasks): parity on {parity['rows']} held-out rows: "
+        f"{len(manifest['tasks'])} tasks, adapters {form['form']}"
+        f"{f' ({timings})' if timings else ''}): parity on {parity['rows']} held-out rows "
+        f"({parity['distinct_inputs']} distinct inputs): "
         f"max |Δlogit| {parity['max_abs_logit_diff']:.2e}, "
         f"top-1 agreement {parity['top1_agreement']:.2%}"
     )
@@ -124,9 +157,12 @@ def select_tasks(model: MultiTaskModel, tasks: str) -> list[int]:
     return [known.index(n) for n in names]
 
 
-def task_subset(model: MultiTaskModel, indices: list[int]) -> MultiTaskModel:
+def task_subset(
+    model: MultiTaskModel, indices: list[int], adapter_form: str | None = None
+) -> MultiTaskModel:
     """The same model restricted to ``indices`` (renumbered 0..k-1): shared backbone module,
-    those tasks' heads and adapter slices. C_max shrinks to the largest kept task."""
+    those tasks' heads and adapter slices, the same branch block and adapter form (or
+    ``adapter_form``). C_max shrinks to the largest kept task."""
     subset = MultiTaskModel(
         model.backbone,
         model.heads.subset(indices),
@@ -134,6 +170,7 @@ def task_subset(model: MultiTaskModel, indices: list[int]) -> MultiTaskModel:
         mode=model.mode,
         rank=model.rank,
         branch_block=model.branch_block,
+        adapter_form=adapter_form or adapter_form_of(model) or "masked",
     )
     with torch.no_grad():
         for name in ("block_adapters", "final_adapter"):
@@ -142,6 +179,12 @@ def task_subset(model: MultiTaskModel, indices: list[int]) -> MultiTaskModel:
                 target.down.copy_(source.down[:, indices])
                 target.up.copy_(source.up[:, indices])
     return subset.eval()
+
+
+def adapter_form_of(model: MultiTaskModel) -> str | None:
+    """The form of the model's adapters (None without adapters)."""
+    adapters = model.block_adapters or model.final_adapter
+    return None if adapters is None else adapters.form
 
 
 def _graph_file(name: str, index: int) -> str:
@@ -168,46 +211,112 @@ def _load(bundle: Path | None):
     return bundle, model, manifest
 
 
-def reference_logits(graph: FusedGraph, held_out: list) -> list[np.ndarray]:
-    """PyTorch logits [B, C_max] of every held-out batch: the bar the graph is held to."""
+def reference_logits(graph: FusedGraph, held_out: list[HeldOutBatch]) -> list[np.ndarray]:
+    """PyTorch logits [R, C_max] of every held-out batch, computed WITHOUT fan-out (each row
+    runs the whole model on its own copy of its input): the bar the graph is held to."""
     with torch.no_grad():
-        return [graph(*(b[n] for n in graph.names), t).numpy() for b, t in held_out]
+        return [graph.model(b.expanded(), b.task_ids).numpy() for b in held_out]
 
 
-def _run(session, names: list[str], batch: dict, task_ids: torch.Tensor | None) -> np.ndarray:
-    feed = {n: batch[n].numpy() for n in names}
-    if task_ids is not None:
-        feed["task_ids"] = task_ids.numpy()
-    return session.run(["logits"], feed)[0]
+def _feed(names: list[str], batch: HeldOutBatch, fused: bool = True) -> dict[str, np.ndarray]:
+    """The fused graph's inputs for a held-out batch (per-task graphs: the expanded rows)."""
+    if not fused:
+        expanded = batch.expanded()
+        return {n: expanded[n].numpy() for n in names}
+    feed = {n: batch.inputs[n].numpy() for n in names}
+    feed[INPUT_INDEX] = batch.input_index.numpy()
+    feed[TASK_IDS] = batch.task_ids.numpy()
+    return feed
+
+
+def _run(session, names: list[str], batch: HeldOutBatch, fused: bool = True) -> np.ndarray:
+    return session.run(["logits"], _feed(names, batch, fused))[0]
 
 
 def _check_bar(parity: dict, precision: str, what: str) -> None:
     diff, top1 = parity["max_abs_logit_diff"], parity["top1_agreement"]
-    if precision == "fp32" and (not diff <= FP32_MAX_ABS_DIFF or top1 < FP32_MIN_TOP1):
+    bar = PARITY_BARS[precision]
+    if precision == "fp32" and (
+        not diff <= bar["max_abs_logit_diff"] or top1 < bar["top1_agreement"]
+    ):
         raise UserError(
             f"{what} fails the fp32 parity bar on {parity['rows']} held-out rows: max |Δlogit| "
-            f"{diff:.3g} (must be <= {FP32_MAX_ABS_DIFF:g}), top-1 agreement {top1:.2%} (must "
-            "be 100%); nothing was written"
+            f"{diff:.3g} (must be <= {bar['max_abs_logit_diff']:g}), top-1 agreement "
+            f"{top1:.2%} (must be 100%); nothing was written"
         )
     if not np.isfinite(diff):
         raise UserError(
             f"{what} produces non-finite logits on held-out inputs "
             f"({precision}); nothing was written"
         )
-    if precision == "fp16" and top1 < FP16_MIN_TOP1:
+    if top1 < bar["top1_agreement"]:
         raise UserError(
-            f"{what} fails the fp16 parity bar: top-1 agreement {top1:.2%} on "
-            f"{parity['rows']} held-out rows (must be >= {FP16_MIN_TOP1:.1%}); "
+            f"{what} fails the {precision} parity bar: top-1 agreement {top1:.2%} on "
+            f"{parity['rows']} held-out rows (must be >= {bar['top1_agreement']:.1%}); "
             "export with --precision fp32"
         )
 
 
 def _write_graph(graph, example, path: Path, precision: str, opset: int):
-    """Export, convert to ``precision``, check; -> (CPU session, op types kept fp32 in fp16)."""
+    """Export, convert to ``precision``, check; -> (CPU session, what the conversion kept or
+    did: fp16's op types kept fp32, int8's quantization record)."""
     export_graph(graph, example, path, opset)
-    kept = convert_to_fp16(path) if precision == "fp16" else []
+    converted = None
+    if precision == "fp16":
+        converted = convert_to_fp16(path)
+    elif precision == "int8":
+        converted = convert_to_int8(path)
     check_graph(path)
-    return cpu_session(path, precision=precision), kept
+    return cpu_session(path, precision=precision), converted
+
+
+def choose_adapter_form(
+    model: MultiTaskModel,
+    choice: str,
+    held_out: list[HeldOutBatch],
+    example: tuple,
+    directory: Path,
+    opset: int,
+) -> dict:
+    """The adapter form to export: ``choice`` itself, or for ``auto`` the one whose fp32 graph
+    runs the held-out batches faster in onnxruntime (CPU provider, ``FORM_ROUNDS``
+    interleaved rounds, median). -> the manifest's ``adapter_form`` record."""
+    if adapter_form_of(model) is None:
+        return {"form": None, "choice": choice, "reason": "no adapters (surgery mode none)"}
+    if choice != "auto":
+        model.set_adapter_form(choice)
+        return {"form": choice, "choice": choice, "reason": "asked for"}
+    names = input_names(model.backbone.modality)
+    sessions = {}
+    for form in ADAPTER_FORMS:
+        model.set_adapter_form(form)
+        path = directory / f".form-{form}.onnx"
+        export_graph(FusedGraph(model), example, path, opset)
+        sessions[form] = cpu_session(path)
+        path.unlink()
+    feeds = [_feed(names, b) for b in held_out]
+    times: dict[str, list[float]] = {form: [] for form in sessions}
+    for round_ in range(FORM_ROUNDS + 1):  # round 0 warms up
+        order = list(sessions) if round_ % 2 == 0 else list(reversed(sessions))
+        for form in order:
+            start = time.perf_counter()
+            for feed in feeds:
+                sessions[form].run(["logits"], feed)
+            if round_:
+                times[form].append(1e3 * (time.perf_counter() - start))
+    timings = {form: round(statistics.median(t), 3) for form, t in times.items()}
+    form = min(timings, key=timings.get)
+    model.set_adapter_form(form)
+    return {
+        "form": form,
+        "choice": "auto",
+        "reason": (
+            f"faster median of {FORM_ROUNDS} interleaved runs of the held-out batches, "
+            "onnxruntime CPU provider, fp32"
+        ),
+        "timings_ms": timings,
+        "held_out": describe(held_out),
+    }
 
 
 def export(
@@ -218,10 +327,15 @@ def export(
     per_task: bool = False,
     opset: int = DEFAULT_OPSET,
     force: bool = False,
+    adapter_form: str = "auto",
 ) -> tuple[dict, Path]:
     """Export, verify and write the model directory; returns (its manifest, the directory)."""
-    if precision not in ("fp32", "fp16"):
-        raise UserError(f"--precision must be fp32 or fp16, got '{precision}'")
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    if adapter_form not in FORM_CHOICES:
+        raise UserError(
+            f"--adapter-form must be one of {', '.join(FORM_CHOICES)}, got '{adapter_form}'"
+        )
     if opset not in OPSETS:
         raise UserError(f"--opset {opset} is not supported; use {OPSETS[0]}..{OPSETS[-1]}")
     bundle, full_model, bundle_manifest = _load(bundle)
@@ -237,19 +351,22 @@ def export(
 
     image_size = tuple(getattr(model.backbone, "image_size", (224, 224)))
     raw, row_tasks = held_out_inputs(modality, len(indices), ROWS_PER_TASK, image_size)
-    held_out = batches(model.backbone, raw, row_tasks)
+    held_out = batches(model.backbone, raw, row_tasks, len(indices))
     fused = FusedGraph(model).eval()
     reference = reference_logits(fused, held_out)
-    example = (*(held_out[0][0][n] for n in names), held_out[0][1])
+    first = held_out[0]  # N = 16 inputs, R > N rows: no dimension of size 1, N != R
+    example = (*(first.inputs[n] for n in names), first.input_index, first.task_ids)
+    ids = np.concatenate([b.task_ids.numpy() for b in held_out])
 
     with atomic_directory(out) as tmp:
-        session, kept_fp32 = _write_graph(fused, example, tmp / "model.onnx", precision, opset)
-        onnx_out = [_run(session, names, b, t) for b, t in held_out]
-        ids = row_tasks.numpy()
+        form = choose_adapter_form(model, adapter_form, held_out, example, tmp, opset)
+        session, converted = _write_graph(fused, example, tmp / "model.onnx", precision, opset)
+        onnx_out = [_run(session, names, b) for b in held_out]
         parity = compare(
             np.concatenate(reference), np.concatenate(onnx_out), ids, num_classes, model.task_names
         )
         _check_bar(parity, precision, "model.onnx")
+        parity.update(describe(held_out))
         parity["max_padding_logit"] = _max_padding(np.concatenate(onnx_out), ids, num_classes)
         if (parity["max_padding_logit"] or PAD_LOGIT) > PAD_LOGIT / 10:
             raise UserError(
@@ -263,9 +380,13 @@ def export(
             for t, name in enumerate(model.task_names):
                 single = SingleTaskGraph(task_subset(model, [t])).eval()
                 file = _graph_file(name, t)
-                one, _ = _write_graph(single, example[:-1], tmp / file, precision, opset)
-                rows = [(b, (tt == t).numpy()) for b, tt in held_out]
-                got = np.concatenate([_run(one, names, b, None)[r] for b, r in rows])
+                # per-task graphs take one row per input; the example's rows are distinct
+                example_rows = first.expanded()
+                one, _ = _write_graph(
+                    single, tuple(example_rows[n] for n in names), tmp / file, precision, opset
+                )
+                rows = [(b, (b.task_ids == t).numpy()) for b in held_out]
+                got = np.concatenate([_run(one, names, b, fused=False)[r] for b, r in rows])
                 want = np.concatenate(
                     [o[r, : num_classes[t]] for o, (_, r) in zip(onnx_out, rows, strict=True)]
                 )
@@ -297,16 +418,17 @@ def export(
             {
                 "inputs": (
                     f"synthesized held-out inputs, seed 0, {ROWS_PER_TASK} rows per task, "
-                    "tasks mixed within batches of 16 and 7, through the bundle's "
-                    "preprocessing (the bundle's data paths are not used)"
+                    "tasks mixed within batches of 16 and 7 distinct inputs, each batch also "
+                    "asking its first input for every task, its second twice and its third for "
+                    "one more task, through the bundle's preprocessing (the bundle's data paths "
+                    "are not used)"
                 ),
-                "reference": "PyTorch MultiTaskModel.forward, fp32, CPU",
+                "reference": (
+                    "PyTorch MultiTaskModel.forward, fp32, CPU, every row on its own copy of "
+                    "its input (no fan-out)"
+                ),
                 "provider": "CPUExecutionProvider",
-                "bar": (
-                    {"max_abs_logit_diff": FP32_MAX_ABS_DIFF, "top1_agreement": FP32_MIN_TOP1}
-                    if precision == "fp32"
-                    else {"top1_agreement": FP16_MIN_TOP1}
-                ),
+                "bar": PARITY_BARS[precision],
             }
         )
         c_max = max(num_classes)
@@ -317,19 +439,22 @@ def export(
             "tasks": task_entries(
                 model.task_names, [bundle_tasks[name]["classes"] for name in model.task_names]
             ),
-            "inputs": _input_specs(modality, image_size),
+            "inputs": graph_inputs(modality, image_size),
             "outputs": [
                 {
                     "name": "logits",
                     "dtype": "float32",
-                    "shape": ["batch", c_max],
+                    "shape": ["rows", c_max],
                     "padding_logit": PAD_LOGIT,
                 }
             ],
             "preprocessing": bundle_manifest["preprocessing"],
             "opset": opset,
             "precision": precision,
-            **({"fp16_ops_kept_fp32": kept_fp32} if precision == "fp16" else {}),
+            **({"fp16_ops_kept_fp32": converted} if precision == "fp16" else {}),
+            **({"int8": converted} if precision == "int8" else {}),
+            "adapter_form": form,
+            "shared_blocks": model.shared_blocks,
             "sha256": {f: sha256_file(tmp / f) for f in files},
             **({"per_task": per_task_files} if per_task else {}),
             "parity": parity,
@@ -360,17 +485,6 @@ def _max_padding(logits: np.ndarray, task_ids: np.ndarray, num_classes: list[int
     columns = np.arange(logits.shape[1])[None, :]
     padding = columns >= np.asarray(num_classes)[task_ids][:, None]
     return float(logits[padding].max()) if padding.any() else None
-
-
-def _input_specs(modality: str, image_size: tuple[int, int]) -> list[dict]:
-    if modality == "image":
-        specs = [{"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, *image_size]}]
-    else:
-        specs = [
-            {"name": n, "dtype": "int64", "shape": ["batch", "sequence"]}
-            for n in ("input_ids", "attention_mask")
-        ]
-    return [*specs, {"name": "task_ids", "dtype": "int64", "shape": ["batch"]}]
 
 
 def _versions() -> dict:

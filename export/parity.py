@@ -4,10 +4,15 @@ The bundle records where its training data was, but those paths may not exist wh
 runs, so the held-out inputs are synthesized, seeded and deterministic, and pushed through the
 backbone's own ``collate`` (the bundle's tokenizer / image preprocessing): texts of varying
 length padded inside each batch, and random images of varying size resized and centre-cropped.
-Every task gets the same number of rows, mixed within each batch as the server mixes them.
+Every task gets the same number of rows, mixed within each batch as the server mixes them,
+and every batch also repeats some of its inputs for more tasks (a ``*`` request, the same
+request twice): the graph takes each distinct input once plus, per row, its input and task,
+and must equal the PyTorch model run on the inputs repeated per row.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -66,15 +71,56 @@ def held_out_inputs(
     return raw, torch.from_numpy(task_ids).long()
 
 
-def batches(backbone, raw, task_ids: torch.Tensor, sizes=(16, 7)):
+@dataclass
+class HeldOutBatch:
+    """One parity batch as the runtime sends it: N distinct inputs, R rows reading them."""
+
+    inputs: dict[str, torch.Tensor]  # the backbone's input tensors [N, ...]
+    input_index: torch.Tensor  # [R] int64: the input each row reads
+    task_ids: torch.Tensor  # [R] int64
+
+    def expanded(self) -> dict[str, torch.Tensor]:
+        """The inputs repeated per row [R, ...]: what a graph without fan-out computes on."""
+        return {k: v[self.input_index] for k, v in self.inputs.items()}
+
+
+def batches(
+    backbone, raw, task_ids: torch.Tensor, num_tasks: int, sizes=(16, 7), seed: int = 0
+) -> list[HeldOutBatch]:
     """Collate ``raw`` into batches of alternating sizes (several batch shapes, and for text
-    several padded lengths, reach the graph)."""
+    several padded lengths, reach the graph). Each input is asked for its own task, and some
+    repeatedly, as a server's batch holds them: the first input of a batch for every task (a
+    ``*`` request), the second once more for its own task (two clients, one request) and the
+    third for one more task; rows are shuffled so ``input_index`` is not monotonic."""
+    rng = np.random.default_rng(seed)
     out, start, k = [], 0, 0
     while start < len(raw):
         size = sizes[k % len(sizes)]
-        out.append((backbone.collate(raw[start : start + size]), task_ids[start : start + size]))
+        own = task_ids[start : start + size].tolist()
+        rows = list(enumerate(own))
+        rows += [(0, t) for t in range(num_tasks)]
+        if len(own) > 1:
+            rows.append((1, own[1]))
+        if len(own) > 2:
+            rows.append((2, (own[2] + 1) % num_tasks))
+        order = rng.permutation(len(rows))
+        out.append(
+            HeldOutBatch(
+                backbone.collate(raw[start : start + size]),
+                torch.tensor([rows[i][0] for i in order], dtype=torch.long),
+                torch.tensor([rows[i][1] for i in order], dtype=torch.long),
+            )
+        )
         start, k = start + size, k + 1
     return out
+
+
+def describe(held_out: list[HeldOutBatch]) -> dict:
+    """How many distinct inputs and rows the parity check ran, and how many rows repeat an
+    input another row of their batch also reads."""
+    inputs = sum(len(b.input_index.unique()) for b in held_out)
+    rows = sum(len(b.input_index) for b in held_out)
+    return {"distinct_inputs": inputs, "rows": rows, "rows_sharing_an_input": rows - inputs}
 
 
 def compare(

@@ -12,12 +12,18 @@ through this module:
 - ``sha256``: file name (relative to the directory) -> hex sha256 of its bytes, checked by
   ``verify_files``.
 
+The model dir's graph (export -> runtime) adds ``inputs`` (``graph_inputs``: N distinct
+inputs once, then per output row ``input_index`` and ``task_ids``; model dirs from before
+the shared prefix lack ``input_index`` and still load), ``precision`` (one of ``PRECISIONS``)
+and ``parity`` against PyTorch, held to ``PARITY_BARS``.
+
 Each problem raises ``ManifestError`` with a one-line message naming the file and the field.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -218,3 +224,73 @@ def read_manifest(directory: str | Path, *, what: str = "model dir", hint: str =
         raise ManifestError(f"{path}: not valid JSON ({exc})") from None
     check_manifest(manifest, path)
     return manifest
+
+
+# ---------------------------------------------------------------- the model dir's graph
+
+TASK_IDS = "task_ids"  # [R] int64: the task of each output row
+INPUT_INDEX = "input_index"  # [R] int64: the distinct input each output row reads
+PRECISIONS = ("fp32", "fp16", "int8")
+# The export's parity bars against PyTorch, per precision (the exporter refuses to write a
+# graph below its bar; the runtime refuses a model dir whose record says it is below).
+PARITY_BARS: dict[str, dict[str, float]] = {
+    "fp32": {"max_abs_logit_diff": 1e-4, "top1_agreement": 1.0},
+    "fp16": {"top1_agreement": 0.995},
+    # int8 moves logits by quantisation noise, so near-ties may flip: the bar is top-1 only
+    "int8": {"top1_agreement": 0.95},
+}
+
+
+def backbone_input_names(modality: str) -> tuple[str, ...]:
+    """The graph inputs that carry the (distinct) inputs of a ``modality`` model."""
+    return ("pixel_values",) if modality == "image" else ("input_ids", "attention_mask")
+
+
+def graph_inputs(
+    modality: str, image_size: Sequence[int] = (224, 224), shared: bool = True
+) -> list[dict]:
+    """The model dir's ``inputs`` list (name, dtype, symbolic shape), in graph order.
+
+    ``shared`` (what export writes): the graph takes N distinct ``inputs`` once, then per
+    output row ``input_index`` [R] (which input) and ``task_ids`` [R] (which task), so the
+    backbone before the first task-specific operation runs once per distinct input. Without
+    it (model dirs written before): one row per input, ``task_ids`` [batch].
+    """
+    batch = "inputs" if shared else "batch"
+    if modality == "image":
+        specs = [{"name": "pixel_values", "dtype": "float32", "shape": [batch, 3, *image_size]}]
+    else:
+        specs = [
+            {"name": n, "dtype": "int64", "shape": [batch, "sequence"]}
+            for n in backbone_input_names(modality)
+        ]
+    rows = "rows" if shared else "batch"
+    if shared:
+        specs.append({"name": INPUT_INDEX, "dtype": "int64", "shape": [rows]})
+    return [*specs, {"name": TASK_IDS, "dtype": "int64", "shape": [rows]}]
+
+
+def parity_failure(parity: Any, precision: str) -> str | None:
+    """Why a model dir's recorded ``parity`` fails its precision's bar, else None (also None
+    without a record: hand-made or older model dirs are checked by running them)."""
+    if not isinstance(parity, dict) or "top1_agreement" not in parity:
+        return None
+    bar = PARITY_BARS.get(precision)
+    if bar is None:
+        return f"precision {precision!r} is not one of {PRECISIONS}"
+    diff, top1 = parity.get("max_abs_logit_diff"), parity.get("top1_agreement")
+    if not isinstance(top1, int | float) or not 0.0 <= top1 <= 1.0:
+        return f"parity.top1_agreement {top1!r} is not a fraction"
+    if diff is not None and (not isinstance(diff, int | float) or not math.isfinite(diff)):
+        return f"parity.max_abs_logit_diff {diff!r} is not a finite number"
+    if "max_abs_logit_diff" in bar and (diff is None or diff > bar["max_abs_logit_diff"]):
+        return (
+            f"parity record fails the {precision} bar (max |dlogit| {diff!r} > "
+            f"{bar['max_abs_logit_diff']:g})"
+        )
+    if top1 < bar["top1_agreement"]:
+        return (
+            f"parity record fails the {precision} bar (top-1 {top1:.2%} < "
+            f"{bar['top1_agreement']:.1%})"
+        )
+    return None

@@ -12,7 +12,10 @@ thread, so the event loop keeps accepting and preprocessing requests while the g
 `max_queue` bounds the requests waiting (being preprocessed or queued, not yet in a running
 batch): `expecting()` raises `QueueFull` beyond it, so overload fails fast instead of growing
 latency and memory without limit. `on_batch` (optional) is told each executed batch's rows,
-jobs, the queue wait of each job and the execution time (the metrics hook).
+jobs, the queue wait of each job, the execution time and the distinct inputs
+(`count_inputs(payloads)`, e.g. a `*` request is one input of T rows; default: one per row),
+the metrics hook. A job submitted with a `group` only joins batches of its own group (a
+one-task-per-batch baseline); `max_batch` counts rows either way.
 """
 
 from __future__ import annotations
@@ -48,11 +51,13 @@ class Job:
     future: asyncio.Future
     length: int = 0  # padded dimension of its rows (text: tokens); 0 when rows do not vary
     queued_at: float = field(default_factory=time.monotonic)
+    group: Any = None  # None: batches with anything; else only with jobs of the same group
 
 
 RunBatch = Callable[[list[Any]], list[Any]]  # payloads -> one result per payload
-# rows, jobs, each job's queue wait (s), execution time (s)
-OnBatch = Callable[[int, int, list[float], float], None]
+# rows, jobs, each job's queue wait (s), execution time (s), distinct inputs
+OnBatch = Callable[[int, int, list[float], float, int], None]
+CountInputs = Callable[[list[Any]], int]  # payloads -> distinct inputs the graph receives
 
 
 class Batcher:
@@ -64,6 +69,7 @@ class Batcher:
         max_tokens: int = 0,
         max_queue: int = 0,
         on_batch: OnBatch | None = None,
+        count_inputs: CountInputs | None = None,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -75,6 +81,7 @@ class Batcher:
             raise ValueError(f"max_queue must be >= 0 (0: no limit), got {max_queue}")
         self.max_queue = max_queue
         self.on_batch = on_batch
+        self.count_inputs = count_inputs
         self.max_tokens = max_tokens
         self.run_batch = run_batch
         self.max_batch = max_batch
@@ -87,6 +94,7 @@ class Batcher:
         self.stats = {
             "batches": 0,
             "rows": 0,
+            "inputs": 0,
             "jobs": 0,
             "expired": 0,
             "isolated_failures": 0,
@@ -132,11 +140,16 @@ class Batcher:
             self._wake.set()
 
     def submit(
-        self, payload: Any, rows: int, deadline: float | None = None, length: int = 0
+        self,
+        payload: Any,
+        rows: int,
+        deadline: float | None = None,
+        length: int = 0,
+        group: Any = None,
     ) -> asyncio.Future:
         """Queue a job; the returned future gets run_batch's result for it, or its exception."""
         fut = asyncio.get_running_loop().create_future()
-        self._queue.append(Job(payload, rows, deadline, fut, length))
+        self._queue.append(Job(payload, rows, deadline, fut, length, group=group))
         self._wake.set()
         return fut
 
@@ -149,12 +162,14 @@ class Batcher:
         """Add queued jobs closest in length to the batch's first, while they fit."""
         if not self._queue:
             return rows
-        anchor = batch[0].length
+        anchor, group = batch[0].length, batch[0].group
         longest = max(j.length for j in batch)
         queue = list(self._queue)
         taken = set()
         for i in sorted(range(len(queue)), key=lambda i: abs(queue[i].length - anchor)):
             job = queue[i]
+            if group is not None and job.group != group:
+                continue
             if self._fits(rows + job.rows, max(longest, job.length)):
                 batch.append(job)
                 rows += job.rows
@@ -175,8 +190,10 @@ class Batcher:
         close_at = first.queued_at + self.max_delay
         while True:
             rows = self._take_fitting(batch, rows)
-            if rows >= self.max_batch or self._queue or self._incoming == 0:
-                return batch  # full, next job does not fit, or nobody else is coming
+            if rows >= self.max_batch or self._incoming == 0:
+                return batch  # full, or nobody else is coming
+            if any(first.group is None or j.group == first.group for j in self._queue):
+                return batch  # the next job of this batch's group does not fit
             remaining = close_at - time.monotonic()
             if remaining <= 0:
                 return batch
@@ -237,10 +254,17 @@ class Batcher:
             self.stats["jobs"] += len(batch)
             rows = sum(j.rows for j in batch)
             self.stats["rows"] += rows
+            inputs = rows
+            if self.count_inputs is not None:
+                try:
+                    inputs = self.count_inputs([j.payload for j in batch])
+                except Exception:  # statistics must never fail the requests
+                    log.exception("count_inputs failed")
+            self.stats["inputs"] += inputs
             if self.on_batch is not None:
                 try:
                     waits = [started - j.queued_at for j in batch]
-                    self.on_batch(rows, len(batch), waits, time.monotonic() - started)
+                    self.on_batch(rows, len(batch), waits, time.monotonic() - started, inputs)
                 except Exception:  # a metrics hook must never fail the requests
                     log.exception("on_batch hook failed")
             for job, (ok, value) in zip(batch, results, strict=True):

@@ -1,7 +1,9 @@
 """The onnxruntime session: one graph execution for a batch of rows of mixed tasks.
 
-`Engine.run` takes preprocessed rows and their task indices and returns the logits of each row,
-already cut to its task's classes (the fused graph pads every task to C_max columns).
+`Engine.run` takes the batch's distinct preprocessed inputs, each output row's task and the
+input it reads, and returns the logits of each row, already cut to its task's classes (the
+fused graph pads every task to C_max columns). A graph that shares inputs (`input_index`)
+gets each distinct input once; older graphs and per-task graphs get one copy per row.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 
 import numpy as np
 
+from modeldir import INPUT_INDEX, TASK_IDS
 from runtime.manifest import ModelSpec
 from runtime.preprocess import Preprocessor
 
@@ -98,22 +101,42 @@ class Engine:
                 f"{sorted(spec.input_names)}; re-export the model dir"
             )
         self.output_name = self.session.get_outputs()[0].name
+        self.shares_inputs = INPUT_INDEX in graph_inputs
 
-    def feeds(self, rows: list[np.ndarray], task_indices: list[int]) -> dict[str, np.ndarray]:
-        """The graph's inputs for rows [B x row] of tasks [B]."""
-        feeds = self.pre.collate(rows)
+    def feeds(
+        self,
+        inputs: list[np.ndarray],
+        task_indices: list[int],
+        input_index: list[int] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """The graph's inputs for R rows: row r is task ``task_indices[r]`` on
+        ``inputs[input_index[r]]`` (default: row r reads input r)."""
+        if input_index is None:
+            input_index = list(range(len(inputs)))
+        if self.shares_inputs:
+            feeds = self.pre.collate(inputs)
+            feeds[INPUT_INDEX] = np.asarray(input_index, dtype=np.int64)
+        else:  # one row per input: repeat what rows share
+            feeds = self.pre.collate([inputs[i] for i in input_index])
         if self.spec.fused:
-            feeds["task_ids"] = np.asarray(task_indices, dtype=np.int64)
+            feeds[TASK_IDS] = np.asarray(task_indices, dtype=np.int64)
         return feeds
 
     def run_feeds(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """One graph execution -> logits [B, C] float32."""
+        """One graph execution -> logits [R, C] float32."""
         return self.session.run([self.output_name], feeds)[0]
 
-    def run(self, rows: list[np.ndarray], task_indices: list[int]) -> list[np.ndarray]:
-        """Rows of mixed tasks in ONE session.run -> each row's logits, cut to its task."""
-        logits = self.run_feeds(self.feeds(rows, task_indices))
-        if logits.ndim != 2 or logits.shape[0] != len(rows):
-            raise EngineError(f"graph returned logits of shape {logits.shape} for {len(rows)} rows")
+    def run(
+        self,
+        inputs: list[np.ndarray],
+        task_indices: list[int],
+        input_index: list[int] | None = None,
+    ) -> list[np.ndarray]:
+        """Rows of mixed tasks over distinct ``inputs`` in ONE session.run -> each row's
+        logits, cut to its task."""
+        logits = self.run_feeds(self.feeds(inputs, task_indices, input_index))
+        rows = len(task_indices)
+        if logits.ndim != 2 or logits.shape[0] != rows:
+            raise EngineError(f"graph returned logits of shape {logits.shape} for {rows} rows")
         tasks = self.spec.tasks
         return [logits[i, : tasks[t].num_classes] for i, t in enumerate(task_indices)]

@@ -18,10 +18,13 @@ from typing import Any
 
 from modeldir import (
     FORMAT_VERSION,
+    INPUT_INDEX,
     MANIFEST,
     MODALITIES,
+    TASK_IDS,
     ManifestError,
     Task,
+    backbone_input_names,
     parse_tasks,
     read_manifest,
     verify_files,
@@ -50,10 +53,17 @@ class ModelSpec:
     graph: Path  # the ONNX file to load: model.onnx, or one per-task graph
     modality: str  # "image" | "text"
     tasks: tuple[Task, ...]  # the tasks this server answers, in manifest order
-    input_names: tuple[str, ...]  # graph inputs, task_ids included when fused
+    input_names: tuple[str, ...]  # graph inputs, input_index and task_ids included when fused
     fused: bool  # True: graph takes task_ids; False: a single-task graph (--task)
     preprocessing: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shares_inputs(self) -> bool:
+        """The graph takes distinct inputs once plus per row ``input_index``: rows of one
+        input share the backbone up to the first task-specific operation. False for model
+        dirs exported before (one row per input) and for per-task graphs."""
+        return INPUT_INDEX in self.input_names
 
     def task(self, name: str) -> Task:
         for t in self.tasks:
@@ -109,8 +119,7 @@ def load_model_dir(root: str | Path, task: str | None = None) -> ModelSpec:
         "'inputs' must be a list of {name, dtype, shape}",
     )
     input_names = tuple(i["name"] for i in inputs)
-    want_inputs = ("pixel_values",) if modality == "image" else ("input_ids", "attention_mask")
-    for name in (*want_inputs, "task_ids"):
+    for name in (*backbone_input_names(modality), TASK_IDS):
         _require(name in input_names, mpath, f"inputs lack {name!r} (a {modality} model needs it)")
 
     files = []
@@ -129,7 +138,7 @@ def load_model_dir(root: str | Path, task: str | None = None) -> ModelSpec:
         )
         graph, fused = per_task[task], False
         served = (Task(name=task, index=0, classes=tasks[names.index(task)].classes),)
-        input_names = tuple(n for n in input_names if n != "task_ids")
+        input_names = tuple(n for n in input_names if n not in (TASK_IDS, INPUT_INDEX))
     files.append(graph)
     if modality == "text":
         tok = pre.get("tokenizer", "tokenizer.json")

@@ -8,8 +8,13 @@ do not collide) together with the standard process collector (RSS, CPU, open fds
 - deepsurgery_request_latency_seconds{task}: Predict latency as the server sees it
 - deepsurgery_queue_wait_seconds: time a job waited in the queue before its batch ran
 - deepsurgery_batch_rows: rows per graph execution (histogram)
+- deepsurgery_batch_inputs: distinct inputs per graph execution (histogram): a `*` request is
+  one input of T rows, identical inputs within a batch are one; the backbone's shared part
+  runs once per input
 - deepsurgery_inference_count_total / deepsurgery_execution_count_total: rows run / graph
-  executions, and deepsurgery_average_batch_size = their ratio (Triton's definition)
+  executions, and deepsurgery_average_batch_size = their ratio (Triton's definition);
+  deepsurgery_input_count_total and deepsurgery_average_inputs_per_execution likewise for
+  distinct inputs
 - deepsurgery_queue_depth: requests waiting (preprocessing or queued); deepsurgery_queue_limit
 - deepsurgery_in_flight_requests: Predict calls being answered
 - deepsurgery_model_version: the served version number (0: a plain model dir), with
@@ -62,8 +67,17 @@ class Metrics:
         self.batch_rows = Histogram(
             "deepsurgery_batch_rows", "Rows per graph execution", buckets=ROW_BUCKETS, registry=r
         )
+        self.batch_inputs = Histogram(
+            "deepsurgery_batch_inputs",
+            "Distinct inputs per graph execution (rows of one input share its pass)",
+            buckets=ROW_BUCKETS,
+            registry=r,
+        )
         self.inferences = Counter(
             "deepsurgery_inference_count", "Rows run through the graph", registry=r
+        )
+        self.input_count = Counter(
+            "deepsurgery_input_count", "Distinct inputs run through the graph", registry=r
         )
         self.executions = Counter(
             "deepsurgery_execution_count", "Graph executions (batches)", registry=r
@@ -77,6 +91,12 @@ class Metrics:
             registry=r,
         )
         avg.set_function(self._average_batch)
+        avg_inputs = Gauge(
+            "deepsurgery_average_inputs_per_execution",
+            "Distinct inputs per graph execution since start (input count / execution count)",
+            registry=r,
+        )
+        avg_inputs.set_function(self._average_inputs)
         self.queue_depth = Gauge(
             "deepsurgery_queue_depth", "Requests waiting (preprocessing or queued)", registry=r
         )
@@ -104,22 +124,34 @@ class Metrics:
         self._http = None
         self._lock = threading.Lock()
         self._rows = 0
+        self._inputs = 0
         self._batches = 0
 
     def _average_batch(self) -> float:
         with self._lock:
             return self._rows / self._batches if self._batches else 0.0
 
+    def _average_inputs(self) -> float:
+        with self._lock:
+            return self._inputs / self._batches if self._batches else 0.0
+
     def watch_queue(self, depth: Callable[[], float], limit: int) -> None:
         self.queue_depth.set_function(depth)
         self.queue_limit.set(limit)
 
-    def on_batch(self, rows: int, jobs: int, waits: list[float], seconds: float) -> None:
-        """Batcher hook: one graph execution of `rows` rows for `jobs` requests."""
+    def on_batch(
+        self, rows: int, jobs: int, waits: list[float], seconds: float, inputs: int | None = None
+    ) -> None:
+        """Batcher hook: one graph execution of `rows` rows over `inputs` distinct inputs
+        (default: one per row) for `jobs` requests."""
+        inputs = rows if inputs is None else inputs
         with self._lock:
             self._rows += rows
+            self._inputs += inputs
             self._batches += 1
         self.inferences.inc(rows)
+        self.input_count.inc(inputs)
+        self.batch_inputs.observe(inputs)
         self.executions.inc()
         self.execution_time.inc(seconds)
         self.batch_rows.observe(rows)

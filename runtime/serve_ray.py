@@ -115,7 +115,7 @@ class ModelReplica:
     def __init__(self, model_path: str, version: int | None, options: dict):
         from runtime.batcher import Batcher
         from runtime.server import build_model
-        from runtime.service import Frontend, run_works
+        from runtime.service import Frontend, count_inputs, run_works
         from runtime.versions import probe
 
         path = Path(model_path)
@@ -136,6 +136,7 @@ class ModelReplica:
             max_batch=options["max_batch"],
             max_delay_ms=options["max_delay_ms"],
             max_tokens=options["max_batch_tokens"],
+            count_inputs=count_inputs,
         )
         workers = options["workers"] or max(1, int(options["replica_cpus"]))
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="preprocess")

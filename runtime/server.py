@@ -6,8 +6,12 @@
         [--max-queue N] [--metrics-port P] [--watch]
 
 `--task NAME` serves one task from its `--per-task` graph (the naive one-process-per-task
-deployment the serving benchmark compares against). SIGTERM or SIGINT: health turns
-NOT_SERVING, new RPCs are refused, in-flight ones finish (up to --grace-s), exit 0.
+deployment the serving benchmark compares against); `--group-by-task` keeps one task per
+batch (what a server that switches adapters between batches does), another baseline.
+Each batch sends every distinct input to the graph once: a `*` request is one input and one
+row per task, and identical inputs within a batch window share their pass.
+SIGTERM or SIGINT: health turns NOT_SERVING, new RPCs are refused, in-flight ones finish (up
+to --grace-s), exit 0.
 
 `--max-queue N`: at most N requests wait (preprocessing or queued); beyond, Predict fails at
 once with RESOURCE_EXHAUSTED. `--metrics-port P`: Prometheus metrics at http://HOST:P/metrics
@@ -39,7 +43,7 @@ from runtime.batcher import Batcher
 from runtime.engine import PROVIDER_CHOICES, Engine, EngineError
 from runtime.manifest import ModelDirError, load_model_dir
 from runtime.preprocess import make_preprocessor
-from runtime.service import InferenceModel, InferenceServicer, run_works
+from runtime.service import InferenceModel, InferenceServicer, count_inputs, run_works
 from runtime.versions import Candidate, VersionManager
 
 log = logging.getLogger("runtime.server")
@@ -75,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", type=Path, help="require 'authorization: Bearer <token>'")
     p.add_argument("--max-message-mb", type=float, default=16.0, help="largest request, MiB")
     p.add_argument("--task", help="serve only this task from its per-task graph (naive setup)")
+    p.add_argument(
+        "--group-by-task",
+        action="store_true",
+        help="benchmark baseline: one task per batch (a '*' runs as one job per task)",
+    )
     p.add_argument("--workers", type=int, default=0, help="preprocessing threads (0: auto)")
     p.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime threads (0: auto)")
     p.add_argument("--grace-s", type=float, default=30.0, help="drain time on SIGTERM")
@@ -239,8 +248,11 @@ async def start(args: argparse.Namespace, model: InferenceModel | None = None) -
         max_tokens=args.max_batch_tokens,
         max_queue=args.max_queue,
         on_batch=metrics.on_batch if metrics is not None else None,
+        count_inputs=count_inputs,
     )
-    servicer = InferenceServicer(model, batcher, pool, metrics)
+    servicer = InferenceServicer(
+        model, batcher, pool, metrics, getattr(args, "group_by_task", False)
+    )
     pb_grpc.add_InferenceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -20,7 +20,6 @@ Deleting the newest version and reloading rolls back to the one below it.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 from collections.abc import Callable
@@ -29,16 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
+from modeldir import parity_failure
 from runtime.manifest import ModelDirError
 
 log = logging.getLogger("runtime.versions")
 
 VERSION_NAME = re.compile(r"^[1-9][0-9]*$")
 MANIFEST = "manifest.json"
-# The export's own bars (export/onnx.py refuses to write worse); a model dir whose parity
-# record says otherwise was not written by a passing export.
-FP32_MAX_ABS_DIFF = 1e-4
-FP16_MIN_TOP1 = 0.995
 
 
 @dataclass(frozen=True)
@@ -83,22 +79,12 @@ def fingerprint(path: Path) -> tuple:
 
 
 def check_parity_record(manifest: dict, where: Path) -> None:
-    """Refuse a manifest whose recorded export parity fails the export's bar."""
-    parity = manifest.get("parity") or {}
-    if not isinstance(parity, dict) or "max_abs_logit_diff" not in parity:
-        return  # no record (older or hand-made model dirs): the probe run still checks it
-    diff = parity.get("max_abs_logit_diff")
-    top1 = parity.get("top1_agreement", 1.0)
-    precision = manifest.get("precision", "fp32")
-    if not isinstance(diff, int | float) or not math.isfinite(diff):
-        raise ModelDirError(f"{where}: parity.max_abs_logit_diff {diff!r} is not a finite number")
-    if precision == "fp32" and (diff > FP32_MAX_ABS_DIFF or top1 < 1.0):
-        raise ModelDirError(
-            f"{where}: parity record fails the fp32 bar (max |dlogit| {diff:.3g}, top-1 "
-            f"{top1:.2%}); re-export"
-        )
-    if precision == "fp16" and top1 < FP16_MIN_TOP1:
-        raise ModelDirError(f"{where}: parity record fails the fp16 bar (top-1 {top1:.2%})")
+    """Refuse a manifest whose recorded export parity fails the export's bar for its precision
+    (modeldir.PARITY_BARS: export refuses to write worse, so such a dir was not written by a
+    passing export)."""
+    why = parity_failure(manifest.get("parity") or {}, manifest.get("precision", "fp32"))
+    if why is not None:
+        raise ModelDirError(f"{where}: {why}; re-export")
 
 
 def probe(model) -> None:
@@ -111,8 +97,8 @@ def probe(model) -> None:
         size = spec.preprocessing.get("image_size", [224, 224])
         row = np.zeros((3, *size), np.float32)
     indices = list(range(len(spec.tasks)))
-    try:
-        logits = model.engine.run([row] * len(indices), indices)
+    try:  # a `*` request: one input, one row per task
+        logits = model.engine.run([row], indices, [0] * len(indices))
     except Exception as e:
         raise ModelDirError(f"{spec.root}: probe run failed ({type(e).__name__}: {e})") from None
     for t, out in zip(spec.tasks, logits, strict=True):

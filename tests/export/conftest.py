@@ -19,8 +19,9 @@ TASKS = {
 TINY_VIT = {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32}
 
 
-def build_model(kind: str, mode: str, bert_dir: Path, seed: int = 0):
-    """A MultiTaskModel on a tiny backbone with random heads and adapters (seeded)."""
+def build_model(kind: str, mode: str, bert_dir: Path, seed: int = 0, branch_block: int = 0):
+    """A MultiTaskModel on a tiny backbone with random heads and adapters (seeded); SurgeryV2
+    adapters after blocks ``branch_block``+1..L."""
     if kind == "text":
         backbone = HFTextBackbone(bert_dir, max_length=16)
     else:
@@ -34,7 +35,9 @@ def build_model(kind: str, mode: str, bert_dir: Path, seed: int = 0):
         [torch.randn(n, generator=generator) for n in sizes],
         normalize=backbone.normalize_head,
     )
-    model = MultiTaskModel(backbone, heads, list(TASKS), mode=mode, rank=4).eval()
+    model = MultiTaskModel(
+        backbone, heads, list(TASKS), mode=mode, rank=4, branch_block=branch_block
+    ).eval()
     with torch.no_grad():
         for p in model.adapter_parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
@@ -43,22 +46,24 @@ def build_model(kind: str, mode: str, bert_dir: Path, seed: int = 0):
 
 @pytest.fixture(scope="session")
 def make_bundle(tmp_path_factory, tiny_bert_dir):
-    """make_bundle(kind, mode) -> a read-only bundle dir at <tmp>/runs/<kind>-<mode>/bundle."""
+    """make_bundle(kind, mode, branch_block=0) -> a read-only bundle dir at
+    <tmp>/runs/<kind>-<mode>[-k<branch_block>]/bundle."""
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("export-runs")
-    cache: dict[tuple[str, str], Path] = {}
+    cache: dict[tuple[str, str, int], Path] = {}
 
-    def make(kind: str, mode: str) -> Path:
-        if (kind, mode) not in cache:
-            model = build_model(kind, mode, tiny_bert_dir)
-            directory = root / "runs" / f"{kind}-{mode}" / "bundle"
+    def make(kind: str, mode: str, branch_block: int = 0) -> Path:
+        if (kind, mode, branch_block) not in cache:
+            model = build_model(kind, mode, tiny_bert_dir, branch_block=branch_block)
+            suffix = f"-k{branch_block}" if branch_block else ""
+            directory = root / "runs" / f"{kind}-{mode}{suffix}" / "bundle"
             write_bundle(
                 directory,
                 model,
                 list(TASKS.values()),
                 {"suite": "tiny", "merge": {"method": "task_arithmetic"}},
             )
-            cache[kind, mode] = directory
-        return cache[kind, mode]
+            cache[kind, mode, branch_block] = directory
+        return cache[kind, mode, branch_block]
 
     return make

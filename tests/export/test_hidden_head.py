@@ -1,5 +1,6 @@
 """Export of a text model whose task heads keep a hidden layer (a transformers classifier's
-pooler / classification head): bundle -> ONNX equals PyTorch, fused and for a task subset."""
+pooler / classification head): bundle -> ONNX equals PyTorch, fused, for a task subset, and
+on an MPNet backbone."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import torch
 
 from export import onnx as export_onnx
 from tests.export.test_onnx import check_dynamic, check_model_dir, inputs, run, torch_logits
+from tests.trainer.experts_kit import write_family
 from trainer.backbones import HFTextBackbone
+from trainer.experts.formats import ExpertSource, load_expert
 from trainer.results.bundle import load_bundle, write_bundle
 from trainer.surgery.model import Heads, MultiTaskModel, TaskHead
 
@@ -83,3 +86,22 @@ def test_task_subset_keeps_each_tasks_hidden_layer(tmp_path, tiny_bert_dir):
     want = torch_logits(model, batch, [2, 0, 0, 2])
     np.testing.assert_allclose(got[[0, 3]], want[[0, 3], :4], atol=1e-4, rtol=0)
     np.testing.assert_allclose(got[[1, 2], :2], want[[1, 2], :2], atol=1e-4, rtol=0)
+
+
+def test_mpnet_transformers_experts_export(tmp_path):
+    """MPNet (a relative position bias in every block) with its classifiers' heads: the fused
+    graph equals PyTorch. BERT, RoBERTa, DistilBERT and ELECTRA export the same way."""
+    root = write_family(tmp_path / "mpnet", "mpnet", {"a": ["x", "y"], "b": ["p", "q", "r"]})
+    base = HFTextBackbone(root / "base", max_length=16, pooling="cls")
+    experts = [load_expert(ExpertSource(root / n, n, [], base, base.state_dict())) for n in "ab"]
+    model = MultiTaskModel(base, Heads.stack([e.head for e in experts]), ["a", "b"], "surgeryv2", 4)
+    with torch.no_grad():
+        for p in model.adapter_parameters():
+            p.normal_(0, 0.1)
+    bundle = tmp_path / "bundle"
+    write_bundle(bundle, model.eval(), [["x", "y"], ["p", "q", "r"]], {"suite": "mpnet"})
+    assert export_onnx.main(["--bundle", str(bundle), "--out", str(tmp_path / "onnx")]) == 0
+    check_model_dir(tmp_path / "onnx", bundle)
+    loaded, _ = load_bundle(bundle)
+    assert loaded.backbone.model_type == "mpnet"
+    check_dynamic(tmp_path / "onnx", loaded, 1e-4)

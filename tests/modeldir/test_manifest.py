@@ -140,7 +140,8 @@ def test_verify_files(tmp_path):
 
 
 def _py_files():
-    skip = {".venv", "build", "dist", "node_modules", "__pycache__"}
+    # runs/ holds outputs and scratch copies of the tree (git-ignored), not the project
+    skip = {".venv", "build", "dist", "node_modules", "__pycache__", "runs"}
     for path in REPO.rglob("*.py"):
         parts = path.relative_to(REPO).parts
         if not any(p in skip or p.startswith(".") for p in parts[:-1]):

@@ -2,7 +2,10 @@
 
 Text graph: embedding lookup of input_ids, masked mean over attention_mask, per-task linear
 head picked by Gather on task_ids (padding columns -1e4). Image graph: flatten pixel_values,
-same per-task head. `--per-task` graphs are the same heads without the task_ids input.
+same per-task head. The fused graphs take N distinct inputs and per row `input_index` (the
+features fan out to the rows before the heads), as export writes them; `shared=False` writes
+a model dir from before that (one row per input, no `input_index`). `--per-task` graphs are
+the same heads without the task_ids input.
 """
 
 from __future__ import annotations
@@ -87,21 +90,27 @@ def _heads(rng, tasks: dict[str, list[str]], dim: int) -> tuple[np.ndarray, np.n
     return heads, bias
 
 
-def _graph(body, inputs, inits, heads, bias, t, fused, c) -> onnx.GraphProto:
+def _graph(body, inputs, inits, heads, bias, t, fused, c, shared=False) -> onnx.GraphProto:
     W = heads if fused else heads[t, :, :c]
     b = bias if fused else bias[t, :c]
+    features = "features"
+    if fused and shared:  # [N, D] -> [R, D]: each row reads its input's features
+        body = [*body, helper.make_node("Gather", ["features", "input_index"], ["rows"], axis=0)]
+        features = "rows"
     inits = [
         *inits,
         numpy_helper.from_array(W, "W"),
         numpy_helper.from_array(b, "b"),
         numpy_helper.from_array(np.array([1], np.int64), "ax1"),
     ]
+    rows = "rows" if fused and shared else "batch"
+    if fused and shared:
+        inputs = [*inputs, helper.make_tensor_value_info("input_index", TensorProto.INT64, [rows])]
     if fused:
-        inputs = [*inputs, helper.make_tensor_value_info("task_ids", TensorProto.INT64, ["batch"])]
-    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", c])
-    return helper.make_graph(
-        body + _head_nodes("features", W, b, fused), "tiny", inputs, [out], inits
-    )
+        inputs = [*inputs, helper.make_tensor_value_info("task_ids", TensorProto.INT64, [rows])]
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [rows, c])
+    nodes = body + _head_nodes(features, W, b, fused)
+    return helper.make_graph(nodes, "tiny", inputs, [out], inits)
 
 
 def _write_dir(out: Path, modality, tasks, inputs, pre, graphs, extra_files) -> Path:
@@ -149,8 +158,23 @@ def write_wordlevel_tokenizer(path: Path) -> None:
     tok.save(str(path))
 
 
+def _manifest_inputs(backbone: list[dict], shared: bool) -> list[dict]:
+    """The manifest's inputs: the backbone's, then input_index (shared) and task_ids."""
+    batch = "inputs" if shared else "batch"
+    specs = [{**spec, "shape": [batch, *spec["shape"][1:]]} for spec in backbone]
+    if shared:
+        specs.append({"name": "input_index", "dtype": "int64", "shape": ["rows"]})
+    return [*specs, {"name": "task_ids", "dtype": "int64", "shape": ["rows" if shared else batch]}]
+
+
 def make_text_model_dir(
-    out: Path, tasks=None, dim: int = 8, per_task: bool = True, max_length: int = 16, seed: int = 0
+    out: Path,
+    tasks=None,
+    dim: int = 8,
+    per_task: bool = True,
+    max_length: int = 16,
+    seed: int = 0,
+    shared: bool = True,
 ) -> Path:
     tasks = tasks or TEXT_TASKS
     out.mkdir(parents=True, exist_ok=True)
@@ -182,17 +206,19 @@ def make_text_model_dir(
     ]
     graphs = ["model.onnx"]
     c_max = heads.shape[2]
-    _save(_graph(body, inputs, inits, heads, bias, None, True, c_max), out / "model.onnx")
+    _save(_graph(body, inputs, inits, heads, bias, None, True, c_max, shared), out / "model.onnx")
     if per_task:
         for t, (name, classes) in enumerate(tasks.items()):
             g = _graph(body, inputs, inits, heads, bias, t, False, len(classes))
             _save(g, out / f"{name}.onnx")
             graphs.append(f"{name}.onnx")
-    manifest_inputs = [
-        {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
-        {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "sequence"]},
-        {"name": "task_ids", "dtype": "int64", "shape": ["batch"]},
-    ]
+    manifest_inputs = _manifest_inputs(
+        [
+            {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
+            {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "sequence"]},
+        ],
+        shared,
+    )
     pre = {
         "type": "text",
         "tokenizer": "tokenizer.json",
@@ -203,7 +229,12 @@ def make_text_model_dir(
 
 
 def make_image_model_dir(
-    out: Path, tasks=None, size: int = 32, per_task: bool = True, seed: int = 0
+    out: Path,
+    tasks=None,
+    size: int = 32,
+    per_task: bool = True,
+    seed: int = 0,
+    shared: bool = True,
 ) -> Path:
     tasks = tasks or IMAGE_TASKS
     out.mkdir(parents=True, exist_ok=True)
@@ -214,16 +245,16 @@ def make_image_model_dir(
         helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 3, size, size])
     ]
     graphs = ["model.onnx"]
-    _save(_graph(body, inputs, [], heads, bias, None, True, heads.shape[2]), out / "model.onnx")
+    fused = _graph(body, inputs, [], heads, bias, None, True, heads.shape[2], shared)
+    _save(fused, out / "model.onnx")
     if per_task:
         for t, (name, classes) in enumerate(tasks.items()):
             g = _graph(body, inputs, [], heads, bias, t, False, len(classes))
             _save(g, out / f"{name}.onnx")
             graphs.append(f"{name}.onnx")
-    manifest_inputs = [
-        {"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, size, size]},
-        {"name": "task_ids", "dtype": "int64", "shape": ["batch"]},
-    ]
+    manifest_inputs = _manifest_inputs(
+        [{"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, size, size]}], shared
+    )
     pre = {
         "type": "image",
         "image_size": [size, size],

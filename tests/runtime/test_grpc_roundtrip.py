@@ -19,6 +19,8 @@ def direct_logits(model_dir, row: np.ndarray, task_index: int) -> np.ndarray:
     spec = load_model_dir(model_dir)
     feeds = make_preprocessor(spec).collate([row])
     feeds["task_ids"] = np.array([task_index], np.int64)
+    if spec.shares_inputs:
+        feeds["input_index"] = np.array([0], np.int64)
     sess = ort.InferenceSession(str(spec.graph), providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)[0][0]
 
