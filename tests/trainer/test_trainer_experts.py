@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import accelerate  # noqa: F401  (transformers.Trainer needs it: a dev dependency)
 import numpy as np
 import pytest
 import torch
@@ -20,8 +21,6 @@ from transformers import (
 from tests.trainer.experts_kit import write_family
 from trainer.data.tasks import load_task
 from trainer.fit import main
-
-pytest.importorskip("accelerate")  # transformers.Trainer needs it
 
 CLASSES = {"animals": ["animal", "vehicle"], "colours": ["colour", "mood", "furniture"]}
 
