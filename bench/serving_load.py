@@ -5,6 +5,8 @@
     python -m bench.serving_load --model DIR --scenario overload [--overload-factor 4]
         [--max-queue 64] [--duration-s 10]
     python -m bench.serving_load --model DIR --scenario hot-swap [--swaps 3] [--duration-s 10]
+    python -m bench.serving_load --model DIR --scenario mixes
+        [--mixes distinct,uniform,zipf,identical,star-heavy] [--servers fused,naive,group-by-task]
 
 Scenarios other than the default (each prints a table whose last line is a one-line summary
 and writes bench/results/serving_<scenario>.json, with the load averages before and after):
@@ -18,6 +20,13 @@ and writes bench/results/serving_<scenario>.json, with the load averages before 
   errors, and whether the server answers health and a request normally afterwards.
 - hot-swap: closed-loop load against runtime.server on a directory of versions while
   `--swaps` new versions are written and SIGHUP'd in; every request must succeed.
+- mixes: the task mixes multi-adapter servers are measured with: distinct (each request the
+  next task, round robin), uniform (a random task), zipf (task i with weight 1/i^2: one hot
+  task), identical (every request the first task), star-heavy (half `*`, half uniform); each
+  against the fused server, the naive one-server-per-task deployment and the fused server
+  forced to one task per batch (`--group-by-task`, as a server that switches adapters between
+  batches). Throughput (requests and predictions per second: a `*` is T predictions),
+  p50/p99, errors and peak RSS in one table; writes bench/results/serving_mixes.json.
 
 Fused: one `runtime.server` on model.onnx answers every task (and `*`) from one batched
 backbone pass. Naive: one `runtime.server --task NAME` process per task, each on its `per_task`
@@ -160,6 +169,7 @@ class LoadSpec:
     channels: int = 4
     seed: int = 0
     fan_out_star: bool = False  # naive: "*" is one request per task server, task field each
+    plan: list[tuple[str, int]] | None = None  # (kind, input) per request; None: uniform kinds
 
 
 @dataclass
@@ -183,7 +193,9 @@ async def _load(spec: LoadSpec) -> LoadResult:
         for a in addrs
     }
     rng = random.Random(spec.seed)
-    plan = [(rng.choice(spec.kinds), rng.randrange(len(spec.inputs))) for _ in range(spec.requests)]
+    plan = spec.plan or [
+        (rng.choice(spec.kinds), rng.randrange(len(spec.inputs))) for _ in range(spec.requests)
+    ]
     task_of = {a: k for k, v in spec.routes.items() if k != "*" for a in v}
 
     def request(task: str, i: int) -> pb.PredictRequest:
@@ -649,11 +661,119 @@ def scenario_ray(args, flags: list[str], common: dict) -> int:
     return 1 if errors else 0
 
 
+MIXES = ("distinct", "uniform", "zipf", "identical", "star-heavy")
+SERVERS = ("fused", "naive", "group-by-task")
+ZIPF_EXPONENT = 2.0  # task i (1-based) gets weight 1/i^2: with 4 tasks the first has 70%
+
+
+def mix_plan(mix: str, tasks: list[str], n: int, inputs: int, seed: int = 0) -> list:
+    """``n`` requests (kind, input index) of a task mix; inputs are drawn uniformly."""
+    rng = random.Random(seed)
+    if mix == "distinct":
+        kinds = [tasks[i % len(tasks)] for i in range(n)]
+    elif mix == "uniform":
+        kinds = [rng.choice(tasks) for _ in range(n)]
+    elif mix == "zipf":
+        weights = [1 / (i + 1) ** ZIPF_EXPONENT for i in range(len(tasks))]
+        kinds = rng.choices(tasks, weights, k=n)
+    elif mix == "identical":
+        kinds = [tasks[0]] * n
+    elif mix == "star-heavy":
+        kinds = ["*" if rng.random() < 0.5 else rng.choice(tasks) for _ in range(n)]
+    else:
+        raise ValueError(f"unknown mix {mix!r}; one of {', '.join(MIXES)}")
+    return [(k, rng.randrange(inputs)) for k in kinds]
+
+
+def scenario_mixes(args, flags: list[str], common: dict, tasks: list[str]) -> int:
+    load_before = loadavg()
+    mixes = [m for m in args.mixes.split(",") if m]
+    servers = [s for s in args.servers.split(",") if s]
+    for name in (*mixes, *servers):
+        if name not in (*MIXES, *SERVERS):
+            print(f"bench.serving_load: error: unknown mix or server {name!r}", file=sys.stderr)
+            return 2
+    rows = []
+    for server_kind in servers:
+        processes: dict[str, ServerProcess] = {}
+        try:
+            if server_kind == "naive":
+                for t in tasks:
+                    processes[t] = ServerProcess(args.model, "--task", t, *flags)
+                routes = {t: [s.addr] for t, s in processes.items()}
+                routes["*"] = [s.addr for s in processes.values()]
+            else:
+                extra = ["--group-by-task"] if server_kind == "group-by-task" else []
+                processes["all"] = ServerProcess(args.model, *flags, *extra)
+                routes = {k: [processes["all"].addr] for k in [*tasks, "*"]}
+            for mix in mixes:
+                plan = mix_plan(mix, tasks, args.requests, len(common["inputs"]), seed=len(rows))
+                stars = sum(k == "*" for k, _ in plan)
+                before = loadavg()
+                result = run_load(
+                    LoadSpec(
+                        routes=routes,
+                        fan_out_star=server_kind == "naive",
+                        plan=plan,
+                        **common,
+                    )
+                )
+                memory = sum(p.memory()["peak_kib"] for p in processes.values())
+                row = summarize(server_kind, result, memory, len(processes))
+                row["mix"] = mix
+                predictions = len(plan) - stars + stars * len(tasks)
+                row["predictions_per_s"] = round(predictions / result.seconds, 1)
+                row["loadavg_before"], row["loadavg_after"] = before, loadavg()
+                rows.append(row)
+                print(
+                    f"{mix:<11} {server_kind:<14} {row['throughput_rps']:>8} req/s "
+                    f"p50 {row['p50_ms']} ms p99 {row['p99_ms']} ms errors {row['errors']} "
+                    f"rss {row['server_peak_rss_mib']} MiB; load {before[0]}",
+                    flush=True,
+                )
+        finally:
+            for proc in processes.values():
+                proc.stop()
+    errors = sum(r["errors"] for r in rows)
+    rows.sort(key=lambda r: (mixes.index(r["mix"]), servers.index(r["deployment"])))
+    parts = []
+    for mix in mixes:
+        by = {r["deployment"]: r for r in rows if r["mix"] == mix}
+        if "fused" in by and len(by) > 1:
+            others = ", ".join(
+                f"{by['fused']['throughput_rps'] / r['throughput_rps']:.2f}x {k}"
+                for k, r in by.items()
+                if k != "fused"
+            )
+            parts.append(f"{mix}: fused {others}")
+    summary = (
+        f"serving mixes ({len(tasks)} tasks, {args.clients} clients, {args.requests} requests "
+        f"each): {'; '.join(parts)}; errors {errors} (target 0)"
+    )
+    cols = ["mix", "deployment", "processes", "requests", "errors", "throughput_rps"]
+    cols += ["predictions_per_s", "p50_ms", "p99_ms", "server_peak_rss_mib"]
+    report = {
+        "bench": "serving_load",
+        "scenario": "mixes",
+        "model": str(args.model),
+        "tasks": tasks,
+        "zipf_exponent": ZIPF_EXPONENT,
+        "rows": rows,
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
+        "settings": vars(args) | {"model": str(args.model), "out": str(args.out)},
+        "summary": summary,
+    }
+    write_report(args, "mixes", report)
+    print_rows(rows, cols, summary)
+    return 1 if errors else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.serving_load", description=__doc__)
     p.add_argument(
         "--scenario",
-        choices=["fused-vs-naive", "ray", "overload", "hot-swap"],
+        choices=["fused-vs-naive", "ray", "overload", "hot-swap", "mixes"],
         default="fused-vs-naive",
     )
     p.add_argument("--replicas", default="1,2", help="ray: replica counts to compare")
@@ -662,6 +782,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-queue", type=int, default=64, help="overload: the bounded run's limit")
     p.add_argument("--duration-s", type=float, default=10.0, help="overload/hot-swap: seconds")
     p.add_argument("--swaps", type=int, default=3, help="hot-swap: versions swapped in")
+    p.add_argument("--mixes", default=",".join(MIXES), help="mixes: the task mixes to run")
+    p.add_argument("--servers", default=",".join(SERVERS), help="mixes: the deployments")
     p.add_argument("--model", type=Path, required=True, help="model dir (export.onnx --per-task)")
     p.add_argument("--requests", type=int, default=20000)
     p.add_argument("--clients", type=int, default=64)
@@ -686,6 +808,8 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [t.name for t in spec.tasks]
     per_task = manifest.get("per_task") or {}
     run_naive = not args.no_naive and args.scenario == "fused-vs-naive"
+    if args.scenario == "mixes" and "naive" in args.servers.split(","):
+        run_naive = True
     if run_naive and set(per_task) != set(tasks):
         print(
             f"bench.serving_load: error: the manifest's per_task {sorted(per_task)} does not "
@@ -713,6 +837,8 @@ def main(argv: list[str] | None = None) -> int:
         return scenario_hot_swap(args, flags, common)
     if args.scenario == "ray":
         return scenario_ray(args, flags, common)
+    if args.scenario == "mixes":
+        return scenario_mixes(args, flags, common, tasks)
     rows = []
     fused = ServerProcess(args.model, *flags)
     try:

@@ -91,7 +91,12 @@ def export_graph(
     names = list(graph.names) + ([INPUT_INDEX, TASK_IDS] if fused else [])
     graph = graph.eval()
     log = io.StringIO()
-    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(log):
+    with (
+        torch.no_grad(),
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(log),
+        _quiet("onnx_ir", "onnxscript", "torch.onnx"),
+    ):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             graph,
@@ -105,6 +110,21 @@ def export_graph(
             verbose=False,
         )
         program.save(str(path), external_data=False)
+
+
+@contextlib.contextmanager
+def _quiet(*names: str):
+    """The exporter's libraries log every pass (one line per deduplicated initializer) at
+    INFO; a caller whose logging is at INFO should not see them."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def convert_to_fp16(path: Path) -> list[str]:

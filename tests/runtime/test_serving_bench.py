@@ -52,3 +52,36 @@ def test_overload_scenario_reports_both_servers(text_model_dir, tmp_path):
     assert rows["unbounded queue"]["refused"] == 0
     for r in rows.values():
         assert r["ok"] + r["refused"] == r["sent"] > 0
+
+
+def test_mixes_scenario_reports_every_mix_and_server(text_model_dir, tmp_path):
+    out = tmp_path / "mixes.json"
+    result = run_bench(
+        "--model", str(text_model_dir), "--scenario", "mixes", "--requests", "120",
+        "--clients", "8", "--warmup", "10", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("serving mixes (2 tasks") and last.endswith("errors 0 (target 0)")
+    report = json.loads(out.read_text())
+    cells = {(r["mix"], r["deployment"]) for r in report["rows"]}
+    mixes = ["distinct", "uniform", "zipf", "identical", "star-heavy"]
+    assert cells == {(m, s) for m in mixes for s in ("fused", "naive", "group-by-task")}
+    for r in report["rows"]:
+        assert r["errors"] == 0 and r["requests"] == 120 and r["server_peak_rss_mib"] > 0
+        assert r["processes"] == (2 if r["deployment"] == "naive" else 1)
+        star = r["mix"] == "star-heavy"
+        assert (r["predictions_per_s"] > r["throughput_rps"]) == star
+
+
+def test_mix_plans():
+    from bench.serving_load import mix_plan
+
+    tasks = ["a", "b", "c", "d"]
+    assert [k for k, _ in mix_plan("distinct", tasks, 8, 5)] == tasks * 2
+    assert {k for k, _ in mix_plan("identical", tasks, 50, 5)} == {"a"}
+    zipf = [k for k, _ in mix_plan("zipf", tasks, 4000, 5)]
+    assert 0.6 < zipf.count("a") / 4000 < 0.8 and zipf.count("d") < zipf.count("c")
+    star = [k for k, _ in mix_plan("star-heavy", tasks, 4000, 5)]
+    assert 0.45 < star.count("*") / 4000 < 0.55
+    assert all(0 <= i < 5 for _, i in mix_plan("uniform", tasks, 100, 5))
