@@ -15,7 +15,9 @@ clients, ``--rounds`` alternating pairs. The relative `*` cost is single-task re
 req/s (median of the pairs): what a `*` costs in single-task requests on the same server
 (expected k/L + T(L-k)/L passes). Gap closure = (avg - merged) / (experts - merged). The knee
 is the point furthest above the chord from the cheapest to the costliest end (accuracy and
-expected cost normalised between the two ends: Kneedle's criterion). Writes
+expected cost normalised between the two ends: Kneedle's criterion). A Surgery row (the
+adapter on the final representation only, trained the same way: the paper's baseline, the
+same graph shape as k = L) is added unless ``--no-surgery``. Writes
 <out>/branch_sweep_<config>.json and .png; the last printed line is a one-line summary.
 """
 
@@ -43,6 +45,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="server --intra-op-threads (0: auto)")
     p.add_argument("--no-serve", action="store_true", help="skip export and serving")
     p.add_argument("--models", default="", help="bundles and model dirs (default runs/...)")
+    p.add_argument(
+        "--no-surgery", action="store_true", help="skip the Surgery (last layer only) reference row"
+    )
     return run_main(p, run, argv)
 
 
@@ -116,12 +121,15 @@ def run(args) -> dict:
     models = Path(args.models or Path("runs") / "branch_sweep" / config.name)
     gap = a.individual["avg"] - a.merged["avg"]
     rows = []
-    for k in ks:
-        model = a.experiment.model(a.merged_state, "surgeryv2", branch_block=k)
+    runs = [("surgeryv2", k) for k in ks] + ([] if args.no_surgery else [("surgery", blocks)])
+    for mode, k in runs:
+        model = a.experiment.model(a.merged_state, mode, branch_block=k)
         result = a.experiment.surgery(model, iterations=a.iterations)
-        scored = a.score(model, f"SurgeryV2 k={k}")
+        label = f"SurgeryV2 k={k}" if mode == "surgeryv2" else "Surgery"
+        scored = a.score(model, label)
         entry = row(
             scored["acc"],
+            mode=mode,
             branch_block=k,
             gap_closure=(scored["avg"] - a.merged["avg"]) / gap if gap else None,
             adapter_params_per_task=sum(p.numel() for p in model.adapter_parameters()) // tasks,
@@ -129,10 +137,11 @@ def run(args) -> dict:
             expected_star_passes=round((k + tasks * (blocks - k)) / blocks, 3),
         )
         if not args.no_serve:
-            bundle = models / f"k{k}" / "bundle"
+            name = f"k{k}" if mode == "surgeryv2" else "surgery"
+            bundle = models / name / "bundle"
             info = {"suite": config.name, "merge": {"method": METHOD}, "accuracy": scored}
             write_bundle(bundle, model.cpu(), [t.classes for t in a.experiment.tasks], info)
-            manifest, onnx_dir = export(bundle, models / f"k{k}" / "onnx", force=True)
+            manifest, onnx_dir = export(bundle, models / name / "onnx", force=True)
             entry["model_dir"] = str(onnx_dir)
             entry["adapter_form"] = manifest["adapter_form"]
             entry["load_before"] = [round(x, 2) for x in os.getloadavg()]
@@ -141,6 +150,8 @@ def run(args) -> dict:
         entry["cost"] = entry.get("relative_star_cost", entry["expected_star_passes"])
         rows.append(entry)
         del model
+    surgery = [r for r in rows if r["mode"] == "surgery"]
+    rows = [r for r in rows if r["mode"] == "surgeryv2"]
 
     # the knee on the expected cost: the measured one is noisy on a shared machine and the
     # frontier's shape is set by accuracy; both costs are reported and plotted
@@ -158,10 +169,13 @@ def run(args) -> dict:
         f"{pct(rows[0]['avg'])} at {rows[0]['expected_star_passes']:.2f}; "
         f"{a.reference_text()}"
     )
+    if surgery:
+        summary += f"; Surgery (last layer) {pct(surgery[0]['avg'])}"
     data = a.result(
         blocks=blocks,
         ks=ks,
         rows=rows,
+        surgery=surgery[0] if surgery else None,
         knee=best["branch_block"],
         cheapest_within_half_point=cheapest["branch_block"],
         cost=f"{cost_kind}: single-task req/s / `*` req/s on runtime.server",
@@ -201,7 +215,7 @@ def run(args) -> dict:
         header,
         [
             [
-                r["branch_block"],
+                r["branch_block"] if r["mode"] == "surgeryv2" else "Surgery",
                 *(pct(r["acc"][t]) for t in a.names),
                 pct(r["avg"]),
                 closure(r),
@@ -214,7 +228,7 @@ def run(args) -> dict:
                     else [r["star_rps"], r["single_rps"], r["adapter_form"]["form"]]
                 ),
             ]
-            for r in rows
+            for r in rows + surgery
         ],
         summary,
     )

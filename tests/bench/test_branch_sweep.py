@@ -27,7 +27,7 @@ def test_branch_sweep_star_latency_and_int8(tiny_config, tmp_path, capsys):
         [
             *_common(tiny_config, tmp_path, cache),
             *("--out", str(res), "--device", "cpu", "--iterations", "2"),
-            *("--requests", "24", "--clients", "2", "--models", str(models)),
+            *("--requests", "24", "--clients", "2", "--rounds", "2", "--models", str(models)),
         ]
     )
     assert code == 0
@@ -40,11 +40,18 @@ def test_branch_sweep_star_latency_and_int8(tiny_config, tmp_path, capsys):
         assert r["branch_block"] == k and set(r["acc"]) == {"animals", "colours"}
         assert r["expected_star_passes"] == (k + 2 * (2 - k)) / 2
         assert r["star_rps"] > 0 and r["single_rps"] > 0 and r["cost"] == r["relative_star_cost"]
+        assert [len(v) for v in r["rounds_rps"].values()] == [2, 2]
         manifest = json.loads((models / f"k{k}" / "onnx" / "manifest.json").read_text())
         assert manifest["shared_blocks"] == k and manifest["source_bundle"]["surgery"]["mode"]
     assert data["knee"] in (0, 1, 2)
+    surgery = data["surgery"]
+    assert surgery["mode"] == "surgery" and surgery["expected_star_passes"] == 1.0
+    manifest = json.loads((models / "surgery" / "onnx" / "manifest.json").read_text())
+    assert (
+        manifest["shared_blocks"] == 2 and manifest["source_bundle"]["surgery"]["mode"] == "surgery"
+    )
 
-    dirs = [models / f"k{k}" / "onnx" for k in (0, 2)]
+    dirs = [models / "k0" / "onnx", models / "surgery" / "onnx"]
     code = star_latency.main(["--model", ",".join(map(str, dirs)), "--n", "6", "--out", str(res)])
     assert code == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
