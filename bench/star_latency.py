@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         [
             [
                 r["mode"],
-                r["branch_block"],
+                r["branch_block"] if r["mode"] == "surgeryv2" else "-",
                 r["blocks"],
                 r["tasks"],
                 r["adapter_form"],
