@@ -25,8 +25,10 @@ and writes bench/results/serving_<scenario>.json, with the load averages before 
   task), identical (every request the first task), star-heavy (half `*`, half uniform); each
   against the fused server, the naive one-server-per-task deployment and the fused server
   forced to one task per batch (`--group-by-task`, as a server that switches adapters between
-  batches). Throughput (requests and predictions per second: a `*` is T predictions),
-  p50/p99, errors and peak RSS in one table; writes bench/results/serving_mixes.json.
+  batches). All deployments stay up; for each mix they take turns, `--rounds` times in
+  rotating order, so drift in the machine's load hits them alike. Throughput (requests and
+  predictions per second: a `*` is T predictions), p50/p99, errors and peak RSS in one
+  table; writes bench/results/serving_mixes.json.
 
 Fused: one `runtime.server` on model.onnx answers every task (and `*`) from one batched
 backbone pass. Naive: one `runtime.server --task NAME` process per task, each on its `per_task`
@@ -685,7 +687,30 @@ def mix_plan(mix: str, tasks: list[str], n: int, inputs: int, seed: int = 0) -> 
     return [(k, rng.randrange(inputs)) for k in kinds]
 
 
+def _start_deployment(kind: str, args, flags: list[str], tasks: list[str]):
+    """-> (server processes, routes) of one deployment: fused, naive or group-by-task."""
+    processes: dict[str, ServerProcess] = {}
+    try:
+        if kind == "naive":
+            for t in tasks:
+                processes[t] = ServerProcess(args.model, "--task", t, *flags)
+            routes = {t: [s.addr] for t, s in processes.items()}
+            routes["*"] = [s.addr for s in processes.values()]
+        else:
+            extra = ["--group-by-task"] if kind == "group-by-task" else []
+            processes["all"] = ServerProcess(args.model, *flags, *extra)
+            routes = {k: [processes["all"].addr] for k in [*tasks, "*"]}
+    except BaseException:
+        for proc in processes.values():
+            proc.stop()
+        raise
+    return processes, routes
+
+
 def scenario_mixes(args, flags: list[str], common: dict, tasks: list[str]) -> int:
+    """Every deployment is started once and kept up (idle servers cost memory, not CPU); for
+    each mix the deployments take turns, ``--rounds`` times in rotating order, so load from
+    other jobs on the machine drifts over all of them alike."""
     load_before = loadavg()
     mixes = [m for m in args.mixes.split(",") if m]
     servers = [s for s in args.servers.split(",") if s]
@@ -693,50 +718,60 @@ def scenario_mixes(args, flags: list[str], common: dict, tasks: list[str]) -> in
         if name not in (*MIXES, *SERVERS):
             print(f"bench.serving_load: error: unknown mix or server {name!r}", file=sys.stderr)
             return 2
+    deployments = {}
     rows = []
-    for server_kind in servers:
-        processes: dict[str, ServerProcess] = {}
-        try:
-            if server_kind == "naive":
-                for t in tasks:
-                    processes[t] = ServerProcess(args.model, "--task", t, *flags)
-                routes = {t: [s.addr] for t, s in processes.items()}
-                routes["*"] = [s.addr for s in processes.values()]
-            else:
-                extra = ["--group-by-task"] if server_kind == "group-by-task" else []
-                processes["all"] = ServerProcess(args.model, *flags, *extra)
-                routes = {k: [processes["all"].addr] for k in [*tasks, "*"]}
-            for mix in mixes:
-                plan = mix_plan(mix, tasks, args.requests, len(common["inputs"]), seed=len(rows))
-                stars = sum(k == "*" for k, _ in plan)
-                before = loadavg()
-                result = run_load(
-                    LoadSpec(
+    try:
+        for kind in servers:
+            deployments[kind] = _start_deployment(kind, args, flags, tasks)
+        per_round = max(1, args.requests // args.rounds)
+        for m, mix in enumerate(mixes):
+            plan = mix_plan(mix, tasks, per_round, len(common["inputs"]), seed=m)
+            stars = sum(k == "*" for k, _ in plan)
+            parts: dict[str, list] = {kind: [] for kind in servers}
+            loads: dict[str, list] = {kind: [] for kind in servers}
+            for r in range(args.rounds):
+                shift = (m + r) % len(servers)
+                for kind in servers[shift:] + servers[:shift]:
+                    processes, routes = deployments[kind]
+                    before = loadavg()[0]
+                    spec = LoadSpec(
                         routes=routes,
-                        fan_out_star=server_kind == "naive",
+                        fan_out_star=kind == "naive",
                         plan=plan,
-                        **common,
+                        **(common | {"requests": per_round}),
                     )
+                    parts[kind].append(run_load(spec))
+                    loads[kind].append(before)
+            for kind in servers:
+                processes, _ = deployments[kind]
+                done = parts[kind]
+                result = LoadResult(
+                    sum(x.requests for x in done),
+                    sum(x.errors for x in done),
+                    sum(x.seconds for x in done),
+                    [ms for x in done for ms in x.latencies_ms],
+                    [e for x in done for e in x.error_samples][:5],
                 )
                 memory = sum(p.memory()["peak_kib"] for p in processes.values())
-                row = summarize(server_kind, result, memory, len(processes))
+                row = summarize(kind, result, memory, len(processes))
                 row["mix"] = mix
-                predictions = len(plan) - stars + stars * len(tasks)
-                row["predictions_per_s"] = round(predictions / result.seconds, 1)
-                row["loadavg_before"], row["loadavg_after"] = before, loadavg()
+                row["predictions_per_s"] = round(
+                    args.rounds * (per_round - stars + stars * len(tasks)) / result.seconds, 1
+                )
+                row["loadavg_1min_per_round"] = loads[kind]
                 rows.append(row)
                 print(
-                    f"{mix:<11} {server_kind:<14} {row['throughput_rps']:>8} req/s "
+                    f"{mix:<11} {kind:<14} {row['throughput_rps']:>8} req/s "
                     f"p50 {row['p50_ms']} ms p99 {row['p99_ms']} ms errors {row['errors']} "
-                    f"rss {row['server_peak_rss_mib']} MiB; load {before[0]}",
+                    f"rss {row['server_peak_rss_mib']} MiB; load {loads[kind]}",
                     flush=True,
                 )
-        finally:
+    finally:
+        for processes, _ in deployments.values():
             for proc in processes.values():
                 proc.stop()
     errors = sum(r["errors"] for r in rows)
-    rows.sort(key=lambda r: (mixes.index(r["mix"]), servers.index(r["deployment"])))
-    parts = []
+    parts_text = []
     for mix in mixes:
         by = {r["deployment"]: r for r in rows if r["mix"] == mix}
         if "fused" in by and len(by) > 1:
@@ -745,10 +780,10 @@ def scenario_mixes(args, flags: list[str], common: dict, tasks: list[str]) -> in
                 for k, r in by.items()
                 if k != "fused"
             )
-            parts.append(f"{mix}: fused {others}")
+            parts_text.append(f"{mix}: fused {others}")
     summary = (
         f"serving mixes ({len(tasks)} tasks, {args.clients} clients, {args.requests} requests "
-        f"each): {'; '.join(parts)}; errors {errors} (target 0)"
+        f"each): {'; '.join(parts_text)}; errors {errors} (target 0)"
     )
     cols = ["mix", "deployment", "processes", "requests", "errors", "throughput_rps"]
     cols += ["predictions_per_s", "p50_ms", "p99_ms", "server_peak_rss_mib"]
@@ -784,6 +819,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--swaps", type=int, default=3, help="hot-swap: versions swapped in")
     p.add_argument("--mixes", default=",".join(MIXES), help="mixes: the task mixes to run")
     p.add_argument("--servers", default=",".join(SERVERS), help="mixes: the deployments")
+    p.add_argument(
+        "--rounds", type=int, default=2, help="mixes: turns per deployment (requests split)"
+    )
     p.add_argument("--model", type=Path, required=True, help="model dir (export.onnx --per-task)")
     p.add_argument("--requests", type=int, default=20000)
     p.add_argument("--clients", type=int, default=64)
