@@ -152,14 +152,16 @@ def _blocks(tower: nn.Module) -> nn.ModuleList:
     raise UserError(f"cannot find the transformer blocks of {type(tower).__name__}")
 
 
-def _square(value, what: str) -> dict:
+def _square(value: int | dict, what: str) -> dict:
     """A processor size entry (int, or a dict) -> a dict with explicit keys."""
     if isinstance(value, int):
         return {"height": value, "width": value} if what == "exact" else {"shortest_edge": value}
     return dict(value)
 
 
-def processor_settings(source: Path, family: str, config, image_size: int = 0) -> dict:
+def processor_settings(
+    source: Path, family: str, config: PretrainedConfig, image_size: int = 0
+) -> dict:
     """The folder's image-processor settings (or the family's defaults), resolved to explicit
     values and rescaled to ``image_size`` when given.
 
@@ -230,6 +232,9 @@ class HFVisionBackbone(Backbone):
     modality = "image"
 
     def __init__(self, path: str | Path, image_size: int = 0, pretrained: bool = True):
+        """``path``: a model folder or hub id; ``image_size``: the input resolution (0: the
+        image processor's own). ``pretrained=False`` builds the architecture alone from the
+        folder's config.json with random weights (a bundle's assets, weights loaded after)."""
         super().__init__()
         source = resolve_model_source(str(path)) if pretrained else Path(path)
         family, tower, projection, config = _load_tower(source, pretrained)
