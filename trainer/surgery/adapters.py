@@ -57,11 +57,14 @@ class Adapters(nn.Module):
     def forward(self, position: int, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
         """x [B, D] or [B, N, D] -> x − W_up·ReLU(W_down·x) with each row's task's adapter."""
         if self.form == "gather":
-            down = self.down[position][route]  # [B, r, D]
-            up = self.up[position][route]  # [B, D, r]
+            # transpose the [T, ...] stacks before the gather, not the gathered [B, ...]
+            # copies: in the exported graph the transpose of a constant folds away, so each
+            # row's weights arrive in matmul layout with no per-batch transpose
+            down = self.down[position].transpose(1, 2)[route]  # [B, D, r]
+            up = self.up[position].transpose(1, 2)[route]  # [B, r, D]
             tokens = x if x.dim() == 3 else x.unsqueeze(1)  # [B, N, D]
-            hidden = F.relu(torch.bmm(tokens, down.transpose(1, 2)))  # [B, N, r]
-            out = tokens - torch.bmm(hidden, up.transpose(1, 2))
+            hidden = F.relu(torch.bmm(tokens, down))  # [B, N, r]
+            out = tokens - torch.bmm(hidden, up)
             return out if x.dim() == 3 else out.squeeze(1)
         num_tasks, rank, dim = self.down.shape[1:]
         down = self.down[position].reshape(num_tasks * rank, dim)  # [T·r, D]
