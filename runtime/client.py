@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--task NAME (or '*') is required unless --list")
             if args.image is None and args.text is None:
                 raise ValueError("give --image FILE or --text STR (or --list)")
+            if args.image is not None and not args.image.is_file():
+                what = "a directory" if args.image.is_dir() else "missing"
+                raise ValueError(
+                    f"--image '{args.image}' is {what}; give an image file (PNG, JPEG, PPM, ...)"
+                )
         metadata = []
         if args.token_file:
             metadata.append(("authorization", f"Bearer {read_token(args.token_file)}"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import grpc
 import pytest
@@ -110,3 +111,16 @@ def test_tls_round_trip(image_model_dir, tls_pair, capsys):
                 pb_grpc.InferenceStub(channel).ListTasks(pb.ListTasksRequest(), timeout=2)
         assert client.main(["--addr", server.addr, "--list", "--tls-ca", str(cert)]) == 0
         assert "digits (10)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("image", ["", "missing.png", "dir"])
+def test_client_names_a_bad_image_path_before_connecting(tmp_path, capsys, image):
+    path = tmp_path / "dir" if image == "dir" else Path(image) if image else Path("")
+    if image == "dir":
+        path.mkdir()
+    # no server at this address: the path is checked before any connection is made
+    rc = client.main(["--addr", "127.0.0.1:1", "--task", "t", "--image", str(path)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "--image" in err and "give an image file" in err
+    assert ("a directory" if image in ("", "dir") else "missing") in err
