@@ -2,12 +2,30 @@
 
     Θ_k = Θ_k(0) + Σ_t λ_{t,k} τ_{t,k}        λ initialised at 0.3, clamped to [0, 1]
 
-λ is learned by minimising the mean entropy of every task's head on that task's unlabeled
-inputs (Adam). The backbone runs through ``torch.func.functional_call`` on the merged tensors,
-so gradients reach λ without copying the model.
+λ is learned by Adam (lr 1e-3) on every task's head's prediction entropy over that task's
+unlabeled inputs. The backbone runs through ``torch.func.functional_call`` on the merged
+tensors, so gradients reach λ without copying the model.
+
+Three additions, each measured necessary (docs/RESULTS.md, "Why AdaMerging collapsed"):
+
+- ``diversity``: the loss also penalises the batch's MEAN prediction for straying from the
+  class proportions the task's expert predicts on held-out inputs (KL divergence; with
+  balanced classes this is information maximisation's "minus the entropy of the mean
+  prediction"). Entropy alone is minimised by sending every input to one class: on the demo a
+  task merged at 34 % (89 % of its predictions already one class) was pulled there, and the
+  shared tensors with it.
+- ``normalize_logits``: each task's logits are divided by their spread at the start (mean
+  per-row standard deviation), so the loss does not depend on a head's scale: a head with
+  CLIP's logit scale 100 folded in has an entropy of ~0 and almost no gradient otherwise.
+- the guard: every ``guard_every`` iterations each task's agreement with its own expert's
+  predictions is measured on ``guard_size`` held-out unlabeled inputs (never in an entropy
+  batch; no labels). Training stops when a task falls more than ``guard_margin`` below its
+  agreement at the start, and the checkpoint with the best mean agreement is returned.
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
@@ -16,10 +34,13 @@ from torch.func import functional_call
 from ..progress import progress
 from .registry import MergeContext, Param, StateDict, mergeable, register, task_vectors
 
+log = logging.getLogger("deepsurgery")
+
 
 def _merged(
     base: StateDict, vectors: list[StateDict], keys: list[str], lam: torch.Tensor
 ) -> StateDict:
+    """Θ(0) + Σ_t clamp(λ[t, k], 0, 1) τ_t for every tensor k (λ [T, K])."""
     coeff = lam.clamp(0.0, 1.0)
     return {
         k: base[k] + sum(coeff[t, i] * vectors[t][k] for t in range(len(vectors)))
@@ -27,13 +48,100 @@ def _merged(
     }
 
 
+def information_loss(
+    logits: torch.Tensor, diversity: float = 0.0, prior: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean entropy of the rows' predictions (logits [B, C]: AdaMerging's loss) plus
+    ``diversity`` × KL(mean prediction ‖ ``prior`` [C], uniform if None). The second term is
+    zero when the batch's predictions spread over the classes as the prior does, so "every
+    input to one class" stops being a minimum."""
+    probs = logits.softmax(-1)
+    loss = -(probs * logits.log_softmax(-1)).sum(-1).mean()
+    if diversity:
+        mean = probs.mean(0)
+        if prior is None:
+            prior = torch.full_like(mean, 1.0 / len(mean))
+        loss = loss + diversity * (mean * (mean.clamp_min(1e-12) / prior).log()).sum()
+    return loss
+
+
+def class_prior(predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class proportions of ``predictions`` [N] (class ids), add-one smoothed: no class the
+    held-out slice happens to miss gets probability 0 [C]."""
+    counts = torch.bincount(predictions, minlength=num_classes).float()
+    return (counts + 1) / (counts.sum() + num_classes)
+
+
+def _logits(
+    backbone: torch.nn.Module,
+    heads: torch.nn.Module,
+    params: StateDict,
+    inputs: list,
+    t: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Task ``t``'s head on the backbone holding ``params``: logits [len(inputs), C_t]."""
+    features = functional_call(backbone, params, (backbone.batch(inputs, device),), strict=False)
+    task_ids = torch.full((len(inputs),), t, dtype=torch.long, device=device)
+    return heads(features, task_ids)[:, : heads.num_classes[t]]
+
+
+def _held_out(
+    unlabeled: list, size: int, rng: np.random.Generator
+) -> tuple[list[list], list[list]]:
+    """Per task: (entropy pool, guard inputs); at most ``size`` and half a task's inputs are
+    held out."""
+    pools, held = [], []
+    for inputs in unlabeled:
+        order = rng.permutation(len(inputs))
+        k = min(size, len(inputs) // 2)
+        held.append([inputs[i] for i in order[:k]])
+        pools.append([inputs[i] for i in order[k:]])
+    return pools, held
+
+
 @register(
     "adamerging",
     params=[
-        Param("iterations", int, 100, low=0, help="entropy-minimisation steps"),
+        Param("iterations", int, 100, low=0, help="Adam steps, each on a batch of every task"),
         Param("lr", float, 1e-3, low=0.0, help="Adam learning rate of the coefficients"),
         Param("batch_size", int, 16, low=1, help="unlabeled inputs per task per step"),
         Param("init", float, 0.3, low=0.0, high=1.0, help="initial coefficient"),
+        Param(
+            "diversity",
+            float,
+            1.0,
+            low=0.0,
+            help="weight of the batch's mean-prediction entropy, subtracted (0: entropy only)",
+        ),
+        Param(
+            "normalize_logits",
+            bool,
+            True,
+            help="divide each task's logits by their spread at the start (scale-free loss)",
+        ),
+        Param(
+            "guard_every",
+            int,
+            5,
+            low=0,
+            help="check every task's agreement with its expert every N steps (0: no guard)",
+        ),
+        Param(
+            "guard_size",
+            int,
+            64,
+            low=1,
+            help="unlabeled inputs per task held out of training (the guard's, the prior's)",
+        ),
+        Param(
+            "guard_margin",
+            float,
+            0.03,
+            low=0.0,
+            high=1.0,
+            help="stop when a task's agreement falls this far below its value at the start",
+        ),
     ],
     needs_data=True,
 )
@@ -46,7 +154,13 @@ def adamerging(
     lr: float = 1e-3,
     batch_size: int = 16,
     init: float = 0.3,
+    diversity: float = 1.0,
+    normalize_logits: bool = True,
+    guard_every: int = 5,
+    guard_size: int = 64,
+    guard_margin: float = 0.03,
 ) -> StateDict:
+    """The merged state; ``context.extra["adamerging"]`` records what the guard saw."""
     device = context.device
     keys = mergeable(base)
     dev_base = {k: base[k].to(device) for k in keys}
@@ -57,27 +171,109 @@ def adamerging(
     for p in backbone.parameters():
         p.requires_grad_(False)
     rng = np.random.default_rng(context.seed)
-    bar = progress(range(iterations), "adamerging", "it")
-    for _ in bar:
+    pools, held = _held_out(context.unlabeled, guard_size, rng)
+    tasks = range(len(pools))
+
+    # on the held-out inputs: what each expert predicts (the guard's reference and the class
+    # prior) and the spread of the starting merge's logits
+    with torch.no_grad():
+        start = _merged(dev_base, vectors, keys, lam)
+        expert_pred, prior, spread = [], [], []
+        for t in tasks:
+            calib = held[t] or pools[t][:batch_size]
+            logits = _logits(backbone, heads, start, calib, t, device)
+            spread.append(logits.std(-1).mean().clamp_min(1e-6) if normalize_logits else 1.0)
+            if held[t]:
+                expert = {k: v.to(device) for k, v in experts[t].items()}
+                expert_pred.append(_logits(backbone, heads, expert, held[t], t, device).argmax(-1))
+                prior.append(class_prior(expert_pred[t], heads.num_classes[t]))
+                del expert
+            else:  # too few inputs to hold any out: no guard for this task, uniform prior
+                expert_pred.append(None)
+                prior.append(None)
+
+    def agreement(params: StateDict) -> list[float | None]:
+        """Per task: the share of held-out inputs the merged model classes as the expert."""
+        with torch.no_grad():
+            return [
+                None
+                if expert_pred[t] is None
+                else (_logits(backbone, heads, params, held[t], t, device).argmax(-1))
+                .eq(expert_pred[t])
+                .float()
+                .mean()
+                .item()
+                for t in tasks
+            ]
+
+    checked = [t for t in tasks if expert_pred[t] is not None]
+    guarded = guard_every > 0 and bool(checked)
+    record: dict = {"history": []}
+    if guarded:
+        first = agreement(start)
+        best = (float(np.mean([first[t] for t in checked])), 0, lam.detach().clone())
+        record.update(start=first, history=[(0, first)])
+    stopped = None
+
+    bar = progress(range(1, iterations + 1), "adamerging", "it")
+    for it in bar:
         params = _merged(dev_base, vectors, keys, lam)
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for t, inputs in enumerate(context.unlabeled):
-            rows = rng.choice(len(inputs), size=min(batch_size, len(inputs)), replace=False)
-            batch = backbone.batch([inputs[i] for i in rows], device)
-            features = functional_call(backbone, params, (batch,), strict=False)
-            task_ids = torch.full((len(rows),), t, dtype=torch.long, device=device)
-            logits = heads(features, task_ids)[:, : heads.num_classes[t]]
-            probs = logits.softmax(-1)
-            entropy = -(probs * logits.log_softmax(-1)).sum(-1).mean()
+        for t in tasks:
+            rows = rng.choice(len(pools[t]), size=min(batch_size, len(pools[t])), replace=False)
+            logits = _logits(backbone, heads, params, [pools[t][i] for i in rows], t, device)
+            loss = information_loss(logits / spread[t], diversity, prior[t])
             # retain the merged-parameter graph for the next task's backward
-            entropy.backward(retain_graph=t < len(context.unlabeled) - 1)
-            total += entropy.item()
+            loss.backward(retain_graph=t < len(pools) - 1)
+            total += loss.item()
         optimizer.step()
         with torch.no_grad():
             lam.clamp_(0.0, 1.0)
-        bar.set_postfix(entropy=f"{total / len(context.unlabeled):.4f}")
+        postfix = {"loss": f"{total / len(pools):.4f}"}
+        if guarded and (it % guard_every == 0 or it == iterations):
+            now = agreement(_merged(dev_base, vectors, keys, lam))
+            record["history"].append((it, now))
+            mean = float(np.mean([now[t] for t in checked]))
+            postfix["agree"] = f"{100 * mean:.1f}%"
+            fallen = [t for t in checked if now[t] < first[t] - guard_margin]
+            if fallen:
+                t = min(fallen, key=lambda t: now[t] - first[t])
+                stopped = it
+                log.info(
+                    "adamerging guard: stopped at iteration %d: task %d agrees with its expert "
+                    "on %.1f%% of %d held-out inputs, %.1f points below %.1f%% at the start "
+                    "(margin %.1f)",
+                    it,
+                    t,
+                    100 * now[t],
+                    len(held[t]),
+                    100 * (first[t] - now[t]),
+                    100 * first[t],
+                    100 * guard_margin,
+                )
+                break
+            if mean >= best[0]:
+                best = (mean, it, lam.detach().clone())
+        bar.set_postfix(**postfix)
     bar.close()
+
+    if guarded:
+        last = stopped if stopped is not None else iterations
+        kept = best[1]
+        if kept != last:
+            log.info(
+                "adamerging guard: kept the coefficients of iteration %d (mean agreement with "
+                "the experts %.1f%%, %.1f%% at the start) instead of iteration %d's",
+                kept,
+                100 * best[0],
+                100 * np.mean([first[t] for t in checked]),
+                last,
+            )
+        lam = best[2]
+        record.update(kept=kept, stopped=stopped, agreement=best[0])
+    record["coefficients"] = lam.detach().clamp(0.0, 1.0).cpu()  # [T, K], K = ``keys``
+    context.extra["adamerging"] = record
     with torch.no_grad():
         merged = _merged(dev_base, vectors, keys, lam)
     out = {k: v.clone() for k, v in base.items()}
