@@ -57,6 +57,9 @@ class TaskConfig:
     head: str = ""
     train_limit: int = 0  # 0 = every training row
     test_limit: int = 0  # 0 = every test row
+    # optional: the task's own validation data (a jsonl / text file, an .npz with x_val and
+    # y_val, a folder of class folders or of images) instead of rows held out of train
+    validation: str = ""
 
 
 @dataclass
@@ -103,13 +106,24 @@ class MultitaskConfig:
 class MergeConfig:
     """``methods`` to run, in order; ``[merge.<method>]`` tables (or inline tables under
     ``[merge]``) give a method's parameters. ``params`` holds every listed method's full
-    parameters after validation (the declared defaults filled in)."""
+    parameters after validation: the declared defaults filled in, and a ``Searched`` grid for
+    each parameter to be chosen on the validation split (left out, ``"search"`` or an array)."""
 
     methods: list = field(default_factory=lambda: ["task_arithmetic"])
     params: dict = field(default_factory=dict)  # method -> {parameter: value}
 
     def hparams(self, method: str) -> dict:
         return dict(self.params.get(method, {}))
+
+
+@dataclass
+class ValidationConfig:
+    """Rows of each task's TRAIN split held out (never fine-tuned on, never the test split)
+    on which searched merge hyper-parameters are chosen; class-stratified, seeded by the
+    top-level ``seed``. ``size``: "auto" (200 rows, at most a fifth of the train split), a
+    number of rows, a fraction < 1 of the train split, or 0 (hold nothing out)."""
+
+    size: Any = field(default="auto", metadata={"checked_in": "validate"})
 
 
 @dataclass
@@ -149,6 +163,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     surgery: SurgeryConfig = field(default_factory=SurgeryConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -180,6 +195,8 @@ def _build(cls, data: Any, where: str):
             if not isinstance(value, list):
                 raise UserError("config key 'tasks' must be an array of tables ([[tasks]])")
             value = [_build(TaskConfig, t, f"tasks[{i}]") for i, t in enumerate(value)]
+        elif f.metadata.get("checked_in") == "validate":
+            pass  # more than one type is valid: ``validate`` checks it
         else:
             value = _coerce(value, default, f"{where}.{key}")
         kwargs[key] = value
@@ -363,7 +380,25 @@ def validate(config: Config) -> None:
         )
     if config.eval.batch_size < 1:
         raise UserError("eval.batch_size must be >= 1")
+    _validate_validation_size(config.validation.size)
     _validate_bundle_choice(config)
+
+
+def _validate_validation_size(size: Any) -> None:
+    """``validation.size``: "auto", a row count >= 0 or a fraction in (0, 1) (whether it
+    leaves train rows is checked on the data)."""
+    fix = '"auto", a number of rows (0 = none) or a fraction of the train split in (0, 1)'
+    if size == "auto":
+        return
+    if isinstance(size, bool) or not isinstance(size, (int, float)):
+        raise UserError(f"config key 'validation.size' must be {fix}, got {size!r}")
+    if size < 0:
+        raise UserError(f"config key 'validation.size' must be >= 0 ({fix}), got {size}")
+    if size >= 1 and size != int(size):
+        raise UserError(
+            f"config key 'validation.size' = {size}: a fraction must be below 1 and a number "
+            "of rows a whole number"
+        )
 
 
 def _validate_bundle_choice(config: Config) -> None:

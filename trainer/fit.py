@@ -19,7 +19,13 @@ from .errors import run_cli
 from .pipeline import prepare, resolve_device
 from .progress import quiet_libraries
 from .results.bundle import write_bundle
-from .results.report import format_table, plot_bias, results_row, write_results
+from .results.report import (
+    format_table,
+    plot_bias,
+    results_row,
+    search_footnote,
+    write_results,
+)
 
 log = logging.getLogger("deepsurgery")
 
@@ -87,8 +93,16 @@ def fit(config: Config, *, data_root: Path, cache: Path, out: Path, device: str 
     bias: dict[str, list[float]] = {}
     surgery_stats: dict[str, dict] = {}
     best = None  # (row, model, hparams) of the row the bundle will hold
+    chosen: dict[str, dict] = {}  # method -> the hyper-parameters it used, and its search
     for method in config.merge.methods:
         merged, hparams = exp.merged(method)
+        search = exp.searches.get(method)
+        chosen[method] = {
+            "hparams": hparams,
+            "search": None
+            if search is None
+            else {"criterion": exp.validation.criterion, **search.to_json()},
+        }
         exp.lap("merge")
         for mode in sc.modes:
             if mode != "none" and method not in surgered:
@@ -113,11 +127,11 @@ def fit(config: Config, *, data_root: Path, cache: Path, out: Path, device: str 
     plot_bias(out / "bias.png", bias, config.name)
     if best is not None:
         row, model, hparams = best
-        info = {
-            "suite": config.name,
-            "merge": {"method": row["method"], "hparams": hparams},
-            "accuracy": row,
-        }
+        merge_info = {"method": row["method"], "hparams": hparams}  # the values it used
+        if row["method"] in exp.searches:
+            merge_info["searched"] = exp.searches[row["method"]].searched
+            merge_info["criterion"] = exp.validation.criterion
+        info = {"suite": config.name, "merge": merge_info, "accuracy": row}
         write_bundle(out / "bundle", model.cpu(), [t.classes for t in exp.tasks], info)
         exp.lap("bundle")
     results = {
@@ -127,6 +141,8 @@ def fit(config: Config, *, data_root: Path, cache: Path, out: Path, device: str 
         "tasks": exp.names,
         "no_labels": [t.name for t in exp.tasks if not t.labelled],  # their acc is null
         "rows": rows,
+        "merge": chosen,
+        "validation": exp.validation_record(),
         "bias": bias,
         "surgery": surgery_stats,
         "timing_s": exp.timing,
@@ -135,6 +151,8 @@ def fit(config: Config, *, data_root: Path, cache: Path, out: Path, device: str 
     }
     write_results(out / "results.json", results)
     print(format_table(exp.names, rows))
+    if exp.searches:
+        print(search_footnote(exp.searches, exp.validation, exp.validation_notes()))
     if best is None:
         print(f"{config.name}: no merged rows (merge.methods is empty); results in {out}")
     else:

@@ -1,8 +1,9 @@
 """The experiment: everything the result rows share, built once by :func:`prepare`.
 
-Tasks and unlabeled inputs, the base backbone, the experts and their frozen heads, and the
-experts' representations (the individual row, the bias reference, the surgery targets). From
-it, ``merged(method)`` gives a merged state, ``model(state, mode)`` a multi-task model that
+Tasks (with their validation splits) and unlabeled inputs, the base backbone, the experts and
+their frozen heads, and the experts' representations (the individual row, the bias reference,
+the surgery targets). From it, ``merged(method)`` gives a merged state (its searched
+hyper-parameters chosen on the validation split), ``model(state, mode)`` a multi-task model that
 OWNS its weights (a fresh copy of the backbone: no model ever sees another's weights, whatever
 the call order), ``surgery(model)`` repairs it and ``evaluate(model)`` scores it.
 ``trainer.fit`` walks every merge method × surgery mode with it; the ``bench`` analyses reuse
@@ -25,14 +26,17 @@ from .config import Config
 from .data.suite import load_tasks
 from .data.tasks import TaskData
 from .data.unlabeled import unlabeled_inputs
+from .data.validation import ValidationSet, hold_out_validation, validation_set
 from .errors import UserError
 from .experts.cache import state_fingerprint
 from .experts.checkpoints import StateDict
 from .experts.expert import Expert, expert_heads, get_expert, load_given_experts
 from .experts.multitask import train_multitask
 from .experts.pretrain import pretrain_base
-from .merging import MergeContext, get_method, merge
-from .results.evaluate import accuracy_from_features, evaluate_task
+from .merging import MergeContext, Searched, get_method, merge
+from .merging.search import SearchResult, search
+from .results.evaluate import ValidationScorer, accuracy_from_features, evaluate_task
+from .results.report import search_line
 from .surgery.features import Targets, final_features, representations
 from .surgery.model import Heads, MultiTaskModel
 from .surgery.train import SurgeryResult, train_surgery
@@ -69,7 +73,10 @@ class Experiment:
     individual: dict[str, float]  # each task's expert accuracy
     pretrain: dict | None = None
     timing: dict[str, float] = field(default_factory=dict)
+    searches: dict[str, SearchResult] = field(default_factory=dict)  # method -> its search
     _frozen: dict = field(default_factory=dict)  # Surgery's merged features per state + pool
+    _scorer: ValidationScorer | None = None
+    _validation: ValidationSet | None = None
     _clock: float = field(default_factory=time.perf_counter)
 
     @property
@@ -93,7 +100,8 @@ class Experiment:
         return module.to(self.device)
 
     def merged(self, method: str) -> tuple[StateDict, dict]:
-        """The merged backbone state of ``method`` and the hyper-parameters it used."""
+        """The merged backbone state of ``method`` and the hyper-parameters it used: the
+        config's, its searched ones chosen on the validation split (``searches[method]``)."""
         hparams = self.config.merge.hparams(method)
         context = None
         if get_method(method).needs_data:
@@ -104,8 +112,87 @@ class Experiment:
                 self.device,
                 self.config.seed,
             )
-        state = merge(method, self.base_state, [e.state for e in self.experts], hparams, context)
+        experts = [e.state for e in self.experts]
+        if any(isinstance(v, Searched) for v in hparams.values()):
+            result = search(method, self.base_state, experts, hparams, self.scorer(), context)
+            self.searches[method] = result
+            hparams = result.chosen
+            log.info("%s", search_line(result, self.validation, self.validation_notes()))
+            self.lap("search")
+        state = merge(method, self.base_state, experts, hparams, context)
         return state, hparams
+
+    @property
+    def validation(self) -> ValidationSet:
+        """What searched hyper-parameters are chosen on (see ``data.validation``)."""
+        if self._validation is None:
+            self._validation = validation_set(self.config, self.tasks, self.unlabeled)
+        return self._validation
+
+    def scorer(self) -> ValidationScorer:
+        """The validation score of a merged state (built once: one backbone module, the
+        inputs collated once, and for agreement the experts' predictions)."""
+        if self._scorer is None:
+            val = self.validation
+            scorer = ValidationScorer(
+                self.backbone(self.base_state),
+                self.heads,
+                val.inputs,
+                self.device,
+                self.config.eval.batch_size,
+            )
+            if val.criterion == "accuracy":
+                scorer.targets = [torch.as_tensor(y) for y in val.labels]
+            else:
+                scorer.targets = [
+                    scorer.predictions(expert.state, [t])[0]
+                    for t, expert in enumerate(self.experts)
+                ]
+            self._scorer = scorer
+        return self._scorer
+
+    def validation_notes(self) -> list[str]:
+        """What a reader of the chosen values must know: tasks scored without labels, and
+        given experts that may have been trained on their validation rows."""
+        val = self.validation
+        notes = []
+        unlabeled = [n for n, y in zip(self.names, val.labels) if y is None]
+        if unlabeled:
+            notes.append(f"no labelled validation rows: {', '.join(unlabeled)}")
+        if self.seen_validation():
+            notes.append(
+                f"the given experts of {', '.join(self.seen_validation())} may have been "
+                "trained on their validation rows"
+            )
+        return notes
+
+    def seen_validation(self) -> list[str]:
+        """Tasks whose expert was given (not fine-tuned here) and whose validation rows were
+        held out of the train split: that expert may have been trained on them."""
+        return [
+            t.name
+            for t, e in zip(self.tasks, self.experts)
+            if t.validation_source == "train" and e.source not in ("fine-tuned", "cache")
+        ]
+
+    def validation_record(self) -> dict:
+        """results.json's account of the validation data: per task its rows and where they
+        come from ("train": held out of it, "file", "unlabeled": a task without validation
+        rows scored on its unlabeled inputs, "none"), and the criterion of the searches."""
+        if self.searches:
+            val = self.validation
+            rows, sources, criterion = val.rows(), val.sources, val.criterion
+        else:
+            rows = [0 if t.validation is None else len(t.validation) for t in self.tasks]
+            sources = [t.validation_source or "none" for t in self.tasks]
+            criterion = None
+        return {
+            "size": self.config.validation.size,
+            "criterion": criterion,
+            "rows": dict(zip(self.names, rows)),
+            "source": dict(zip(self.names, sources)),
+            "experts_may_have_seen": self.seen_validation(),
+        }
 
     def model(
         self,
@@ -259,9 +346,6 @@ def gather_experts(
     torch.manual_seed(config.seed)
     tasks = load_tasks(config, data_root, cache)
     sc = config.surgery
-    wants_surgery = any(m != "none" for m in sc.modes)
-    data_driven = any(get_method(m).needs_data for m in config.merge.methods)
-    unlabeled = unlabeled_inputs(config, tasks, data_root) if wants_surgery or data_driven else None
     base = build_backbone(config.backbone)
     for task in tasks:
         if task.modality != base.modality:
@@ -283,6 +367,22 @@ def gather_experts(
     given = load_given_experts(
         config.tasks, tasks, base, base.state_dict(), data_root, config.backbone.path
     )
+    # the validation rows leave the train splits before anything is fine-tuned on them
+    hold_out_validation(config, tasks, data_root)
+    wants_surgery = any(m != "none" for m in sc.modes)
+    data_driven = any(get_method(m).needs_data for m in config.merge.methods)
+    searching = any(
+        isinstance(v, Searched)
+        for m in config.merge.methods
+        for v in config.merge.hparams(m).values()
+    )
+    # a task without validation rows has its searches scored on its unlabeled inputs
+    needs_pool = searching and any(t.validation is None for t in tasks)
+    unlabeled = (
+        unlabeled_inputs(config, tasks, data_root)
+        if wants_surgery or data_driven or needs_pool
+        else None
+    )
     for task in tasks:
         untrained = task.train is None or task.train.labels is None
         if untrained and task.name not in given:
@@ -302,6 +402,9 @@ def gather_experts(
         config.backbone.kind,
         device,
     )
+    held = [f"{t.name} {len(t.validation)}" for t in tasks if t.validation_source == "train"]
+    if held:
+        log.info("validation rows held out of the train splits: %s", ", ".join(held))
     timing["load"] = round(time.perf_counter() - clock, 2)
     clock = time.perf_counter()
 

@@ -9,7 +9,7 @@ import torch
 import trainer.merging as merging
 from trainer.config import load_config
 from trainer.errors import UserError
-from trainer.merging import METHODS, Param, merge, register, task_vectors
+from trainer.merging import METHODS, Param, Searched, merge, register, task_vectors, ties
 
 BASE = {"w": torch.tensor([1.0, 1.0, 1.0, 1.0]), "idx": torch.tensor([0, 1])}
 E1 = {"w": torch.tensor([2.0, 1.0, 0.0, 1.5]), "idx": torch.tensor([5, 5])}
@@ -96,7 +96,8 @@ def test_config_merge_sections_are_validated_by_the_registry(tmp_path):
             "[merge.ties_merging]\nk = 10\n",
         )
     )
-    assert cfg.merge.hparams("ties_merging") == {"k": 10.0, "lam": 0.3}  # default filled in
+    # k pinned; λ left out: searched over its declared grid
+    assert cfg.merge.hparams("ties_merging") == {"k": 10.0, "lam": Searched(ties.LAMBDA_GRID)}
     assert cfg.merge.hparams("weight_averaging") == {}
     with pytest.raises(UserError, match="unknown config key 'merge.ties_merging.lamda'"):
         load_config(_write_config(tmp_path, "[merge]\nties_merging = { lamda = 1 }\n"))

@@ -3,9 +3,11 @@ just unlabeled inputs (a text file, a jsonl file without labels, a folder of ima
 
 A task has a test split (evaluation when it is labelled, and the default unlabeled data for
 surgery), a train split when it is to be fine-tuned here (a task whose expert is given needs
-none) and class names (from its files, or else from its expert). Surgery needs no labels: a
-task without labelled test rows is merged and repaired like any other, only not scored.
-Problems are reported with the path and what was expected there.
+none), a validation split (rows held out of the train split, or its own file: where merge
+hyper-parameters are chosen, see ``data.validation``) and class names (from its files, or else
+from its expert). Surgery needs no labels: a task without labelled test rows is merged and
+repaired like any other, only not scored. Problems are reported with the path and what was
+expected there.
 """
 
 from __future__ import annotations
@@ -47,6 +49,27 @@ class TaskData:
     train: Split | None  # None: no training rows (the task's expert must be given)
     test: Split
     fingerprint: str  # content hash of the files the task was read from
+    validation: Split | None = None  # where merge hyper-parameters are chosen (never test)
+    validation_source: str = ""  # "train" (held out of it) | "file" (its own) | "" (none)
+    # the file's train rows that ``train`` holds (after train_limit and the validation
+    # hold-out); None: every one of them
+    train_rows: np.ndarray | None = None
+
+    @property
+    def train_key(self) -> str:
+        """Content key of the rows a model is trained on: the files' hash, plus which of
+        their train rows are used when not all (so no cached model trained on other rows,
+        e.g. with the validation rows in, is ever reused)."""
+        if self.train_rows is None:
+            return self.fingerprint
+        rows = np.ascontiguousarray(self.train_rows, dtype=np.int64).tobytes()
+        return f"{self.fingerprint}:{hashlib.sha256(rows).hexdigest()[:16]}"
+
+    def keep_train(self, rows: np.ndarray) -> None:
+        """Keep only train rows ``rows`` (indices into the current train split)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        self.train = self.train.take(rows)
+        self.train_rows = rows if self.train_rows is None else self.train_rows[rows]
 
     @property
     def num_classes(self) -> int:
@@ -99,8 +122,8 @@ def load_task(
         if split is not None and len(split) == 0:
             raise UserError(f"task '{name}': the {split_name} split at {where} is empty")
     check_labels(task, str(where))
-    if train_limit and task.train is not None:
-        task.train = task.train.take(_prefix(task.train, train_limit))
+    if train_limit and task.train is not None and train_limit < len(task.train):
+        task.keep_train(_prefix(task.train, train_limit))
     if test_limit:
         task.test = task.test.take(_prefix(task.test, test_limit))
     return task
@@ -155,7 +178,7 @@ def _hash_files(*paths: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _read_jsonl(path: Path, name: str, labelled: bool = True) -> Split:
+def read_jsonl(path: Path, name: str, labelled: bool = True) -> Split:
     """``{"text", "label"}`` per line; with ``labelled=False`` the labels may be left out (on
     every line: then the split is unlabeled)."""
     if not path.is_file():
@@ -198,10 +221,10 @@ def _load_jsonl(name: str, folder: Path) -> TaskData:
         folder / "test.jsonl",
     )
     classes = _read_classes(labels_file, name) if labels_file.is_file() else []
-    train = _read_jsonl(train_file, name) if train_file.is_file() else None
+    train = read_jsonl(train_file, name) if train_file.is_file() else None
     if train is not None and not classes:
         raise UserError(f"task '{name}': {labels_file} is missing (a JSON list of class names)")
-    test = _read_jsonl(test_file, name, labelled=False)
+    test = read_jsonl(test_file, name, labelled=False)
     files = [f for f in (labels_file, train_file, test_file) if f.is_file()]
     return TaskData(name, classes, "text", train, test, _hash_files(*files))
 
@@ -209,7 +232,7 @@ def _load_jsonl(name: str, folder: Path) -> TaskData:
 def _load_inputs_file(name: str, path: Path) -> TaskData:
     """Inputs only: a text file with one input per line, or a jsonl file (labels optional)."""
     if path.suffix == ".jsonl":
-        test = _read_jsonl(path, name, labelled=False)
+        test = read_jsonl(path, name, labelled=False)
     else:
         lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
         test = Split(lines, None)

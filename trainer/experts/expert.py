@@ -120,7 +120,7 @@ def get_expert(
             "it one (train.jsonl, train/ class folders, x_train + y_train) or an expert"
         )
     settings = {**finetune.__dict__, "head_scale": HEAD_SCALE if base.normalize_head else None}
-    key = cache_key("expert", base.spec(), base_state, [task.fingerprint], settings)
+    key = cache_key("expert", base.spec(), base_state, [task.train_key], settings)
     trained = cached_training(
         "experts",
         task.name,

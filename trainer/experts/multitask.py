@@ -32,7 +32,7 @@ def train_multitask(
         finetune, steps=multitask.steps or finetune.steps, lr=multitask.lr or finetune.lr
     )
     settings = {**cfg.__dict__, "head_scale": HEAD_SCALE if base.normalize_head else None}
-    key = cache_key("multitask", base.spec(), base_state, [t.fingerprint for t in tasks], settings)
+    key = cache_key("multitask", base.spec(), base_state, [t.train_key for t in tasks], settings)
     return cached_training(
         "multitask",
         "-".join(t.name for t in tasks)[:60],

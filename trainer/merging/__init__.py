@@ -1,4 +1,5 @@
-"""Stage 3, merging: the registry, and one module per method family that registers itself.
+"""Stage 3, merging: the registry, one module per method family that registers itself, and
+``search`` (a method's hyper-parameters chosen on validation data).
 
 Every module of this package except ``registry`` is imported here, so adding a method is
 adding one file (``trainer/merging/<name>.py`` with an ``@register(...)`` function).
@@ -9,9 +10,11 @@ import pkgutil
 
 from .registry import (
     METHODS,
+    SEARCH,
     MergeContext,
     MergeMethod,
     Param,
+    Searched,
     StateDict,
     apply_delta,
     get_method,
@@ -27,9 +30,11 @@ for _module in pkgutil.iter_modules(__path__):
 
 __all__ = [
     "METHODS",
+    "SEARCH",
     "MergeContext",
     "MergeMethod",
     "Param",
+    "Searched",
     "StateDict",
     "apply_delta",
     "get_method",

@@ -17,9 +17,24 @@ def weight_averaging(base: StateDict, experts: list[StateDict]) -> StateDict:
     }
 
 
+# the Task Arithmetic paper's grid: λ in {0.05, 0.10, ..., 1.0}
+LAMBDA_GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))
+
+
 @register(
     "task_arithmetic",
-    params=[Param("lam", float, 0.3, low=0.0, high=10.0, help="scaling of the summed vectors")],
+    params=[
+        Param(
+            "lam",
+            float,
+            0.3,
+            low=0.0,
+            high=10.0,
+            help="scaling of the summed vectors",
+            grid=LAMBDA_GRID,
+        )
+    ],
+    scale="lam",
 )
 def task_arithmetic(base: StateDict, experts: list[StateDict], lam: float = 0.3) -> StateDict:
     """Θ = Θ(0) + λ Σ_t τ_t."""

@@ -15,12 +15,30 @@ def _trim_threshold(vector: StateDict, k: float) -> torch.Tensor:
     return flat.kthvalue(flat.numel() - keep + 1).values
 
 
+# k: the Ties paper's range (top 10-30 % of each task vector; 20 is its default). λ scales a
+# disjoint MEAN (about one task vector's magnitude, where Task Arithmetic scales a sum of T),
+# so its grid reaches 2.0: the Ties authors search 0.8..2.5, SurgeryV2's code uses 0.3.
+K_GRID = (10.0, 20.0, 30.0)
+LAMBDA_GRID = tuple(round(0.1 * i, 1) for i in range(1, 21))
+
+
 @register(
     "ties_merging",
     params=[
-        Param("k", float, 20.0, low=0.0, high=100.0, help="% of each task vector kept"),
-        Param("lam", float, 0.3, low=0.0, high=10.0, help="scaling of the merged vector"),
+        Param(
+            "k", float, 20.0, low=0.0, high=100.0, help="% of each task vector kept", grid=K_GRID
+        ),
+        Param(
+            "lam",
+            float,
+            0.3,
+            low=0.0,
+            high=10.0,
+            help="scaling of the merged vector",
+            grid=LAMBDA_GRID,
+        ),
     ],
+    scale="lam",
 )
 def ties_merging(
     base: StateDict, experts: list[StateDict], k: float = 20.0, lam: float = 0.3

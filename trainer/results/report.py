@@ -1,10 +1,13 @@
-"""Results: rows, the paper-form table, results.json."""
+"""Results: rows, the paper-form table and its footnote, results.json."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from modeldir import write_json_atomic
+
+from ..data.validation import ValidationSet
+from ..merging.search import SearchResult
 
 NO_LABELS = "no labels"  # the table's cell for a task without a labelled test split
 
@@ -42,6 +45,40 @@ def format_table(tasks: list[str], rows: list[dict]) -> str:
         avg = "-" if row["avg"] is None else f"{100 * row['avg']:.1f}"
         lines.append(" | ".join([row_label(row).ljust(first), *cells, avg.rjust(6)]))
     return "\n".join(lines)
+
+
+def search_line(result: SearchResult, validation: ValidationSet, notes: list[str]) -> str:
+    """One log line per search: ``task_arithmetic: λ=0.45 chosen on validation (avg 71.2 %,
+    grid 0.05..1.0, 20 candidates, 84 s)``, saying how and on what it was chosen."""
+    if validation.criterion == "accuracy":
+        how, avg = "on validation", f"avg {100 * result.score:.1f} %"
+    else:
+        how = "by agreement with the experts on validation inputs"
+        avg = f"avg agreement {100 * result.score:.1f} %"
+    pinned = f", {result.pinned_values()} pinned" if result.pinned else ""
+    return (
+        f"{result.method}: {result.values()} chosen {how}{pinned} ({avg}, {result.grid_text()}, "
+        f"{len(result.candidates)} candidates, {result.seconds:.0f} s)"
+        + "".join(f"; {note}" for note in notes)
+    )
+
+
+def search_footnote(
+    searches: dict[str, SearchResult], validation: ValidationSet, notes: list[str]
+) -> str:
+    """Under the table: ``task_arithmetic λ=0.45, ties_merging λ=0.6 k=20: chosen on 200
+    validation rows per task``."""
+    chosen = ", ".join(
+        f"{m} {r.values()}" + (f" ({r.pinned_values()} pinned)" if r.pinned else "")
+        for m, r in searches.items()
+    )
+    rows = sorted(set(validation.rows()))
+    count = str(rows[0]) if len(rows) == 1 else f"{rows[0]}-{rows[-1]}"
+    if validation.criterion == "accuracy":
+        how = f"chosen on {count} validation rows per task"
+    else:
+        how = f"chosen by agreement with the experts on {count} validation inputs per task"
+    return f"{chosen}: {how}" + "".join(f"; {note}" for note in notes)
 
 
 def write_results(path: Path, results: dict) -> None:
