@@ -205,7 +205,9 @@ def run(args) -> dict:
         a.references(ax)
         ax.set_xlabel(f"relative cost of a `*` request ({cost_kind}, single-task requests)")
         ax.set_ylabel("average accuracy (%)")
-        ax.set_title(a.title(f"branch block sweep, {a.iterations} iterations, T={tasks}"))
+        ax.set_title(
+            a.title(f"branch block sweep, {a.iterations} iterations, T={tasks}"), fontsize=10
+        )
 
     a.write(data, draw)
     header = ["k", *a.names, "avg", "gap closed", "params/task", "* passes", "* cost"]
