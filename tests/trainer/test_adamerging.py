@@ -11,7 +11,13 @@ from torch import nn
 
 from trainer.backbones import HFTextBackbone
 from trainer.merging import MergeContext, get_method, merge, mergeable, task_vectors
-from trainer.merging.adamerging import _held_out, _merged, adamerging, information_loss
+from trainer.merging.adamerging import (
+    INIT_GRID,
+    _held_out,
+    _merged,
+    adamerging,
+    information_loss,
+)
 from trainer.surgery.model import Heads
 
 TEXTS = [[f"first task text {i}" for i in range(8)], [f"second task row {i}" for i in range(8)]]
@@ -39,8 +45,20 @@ def _setup(tiny_bert_dir):
 
 def test_zero_iterations_is_task_arithmetic(tiny_bert_dir):
     base, experts, ctx = _setup(tiny_bert_dir)
-    ada = adamerging(base, experts, context=ctx, iterations=0)
+    ada = adamerging(base, experts, context=ctx, iterations=0, init_search=False)
     ta = merge("task_arithmetic", base, experts, {"lam": 0.3})
+    for k in base:
+        torch.testing.assert_close(ada[k], ta[k])
+
+
+def test_init_search_starts_from_the_best_agreeing_task_arithmetic(tiny_bert_dir):
+    base, experts, ctx = _setup(tiny_bert_dir)
+    ada = adamerging(base, experts, context=ctx, iterations=0, guard_size=4)
+    record = ctx.extra["adamerging"]
+    scores = record["init_agreement"]
+    assert set(scores) == set(INIT_GRID) | {0.3}  # the grid and the given init
+    assert scores[record["init"]] == max(scores.values())
+    ta = merge("task_arithmetic", base, experts, {"lam": record["init"]})
     for k in base:
         torch.testing.assert_close(ada[k], ta[k])
 

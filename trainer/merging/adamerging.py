@@ -1,31 +1,37 @@
 """AdaMerging, layer-wise (Yang et al., 2024): one coefficient per task and per tensor.
 
-    Θ_k = Θ_k(0) + Σ_t λ_{t,k} τ_{t,k}        λ initialised at 0.3, clamped to [0, 1]
+    Θ_k = Θ_k(0) + Σ_t λ_{t,k} τ_{t,k}        λ clamped to [0, 1]
 
 λ is learned by Adam (lr 1e-3) on every task's head's prediction entropy over that task's
 unlabeled inputs. The backbone runs through ``torch.func.functional_call`` on the merged
 tensors, so gradients reach λ without copying the model.
 
-Three additions, each measured necessary (docs/RESULTS.md, "Why AdaMerging collapsed"):
+What keeps it from collapsing (measured: docs/RESULTS.md, "Why AdaMerging collapsed"): a
+head's entropy is no measure of its accuracy when the merge starts poor or the tasks fight
+over shared tensors, and it is lowest when every input goes to one class. So, with
+``guard_size`` unlabeled inputs per task held out of training and each expert's predictions
+on them (no labels anywhere):
 
-- ``diversity``: the loss also penalises the batch's MEAN prediction for straying from the
-  class proportions the task's expert predicts on held-out inputs (KL divergence; with
-  balanced classes this is information maximisation's "minus the entropy of the mean
-  prediction"). Entropy alone is minimised by sending every input to one class: on the demo a
-  task merged at 34 % (89 % of its predictions already one class) was pulled there, and the
-  shared tensors with it.
-- ``normalize_logits``: each task's logits are divided by their spread at the start (mean
-  per-row standard deviation), so the loss does not depend on a head's scale: a head with
-  CLIP's logit scale 100 folded in has an entropy of ~0 and almost no gradient otherwise.
-- the guard: every ``guard_every`` iterations each task's agreement with its own expert's
-  predictions is measured on ``guard_size`` held-out unlabeled inputs (never in an entropy
-  batch; no labels). Training stops when a task falls more than ``guard_margin`` below its
-  agreement at the start, and the checkpoint with the best mean agreement is returned.
+- ``init_search``: λ starts at the task-arithmetic value of INIT_GRID whose merge agrees most
+  with the experts on the held-out inputs (the paper's 0.3 left a demo task at 34 %, 89 % of
+  its predictions in one class, and entropy minimisation drove it the rest of the way);
+- ``diversity``: the loss adds KL(the batch's mean prediction ‖ the class proportions the
+  expert predicts), so "every input to one class" stops being a minimum;
+- ``normalize_logits``: each task's logits are divided by their spread at the start, so the
+  loss does not depend on a head's scale (a head with CLIP's logit scale 100 folded in has an
+  entropy of ~0 and almost no gradient otherwise);
+- the guard: every ``guard_every`` iterations each task's agreement with its expert on the
+  held-out inputs; training stops when a task falls more than ``guard_margin`` below its
+  start, and the checkpoint with the best mean agreement is returned.
+
+``init_search = false, diversity = 0, normalize_logits = false, guard_every = 0`` is the
+paper's recipe.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -35,6 +41,9 @@ from ..progress import progress
 from .registry import MergeContext, Param, StateDict, mergeable, register, task_vectors
 
 log = logging.getLogger("deepsurgery")
+
+# the starting coefficients ``init_search`` tries (task arithmetic's λ, all tasks and tensors)
+INIT_GRID = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 
 
 def _merged(
@@ -108,6 +117,12 @@ def _held_out(
         Param("batch_size", int, 16, low=1, help="unlabeled inputs per task per step"),
         Param("init", float, 0.3, low=0.0, high=1.0, help="initial coefficient"),
         Param(
+            "init_search",
+            bool,
+            True,
+            help="start from the λ of INIT_GRID whose merge agrees most with the experts",
+        ),
+        Param(
             "diversity",
             float,
             1.0,
@@ -154,19 +169,21 @@ def adamerging(
     lr: float = 1e-3,
     batch_size: int = 16,
     init: float = 0.3,
+    init_search: bool = True,
     diversity: float = 1.0,
     normalize_logits: bool = True,
     guard_every: int = 5,
     guard_size: int = 64,
     guard_margin: float = 0.03,
+    callback: Callable[[int, StateDict], None] | None = None,
 ) -> StateDict:
-    """The merged state; ``context.extra["adamerging"]`` records what the guard saw."""
+    """The merged state; ``context.extra["adamerging"]`` records what the guard saw.
+    ``callback(iteration, state)`` sees the merged state at every guard check (iteration 0
+    and every ``guard_every``; ``bench.adamerging_curve`` scores it)."""
     device = context.device
     keys = mergeable(base)
     dev_base = {k: base[k].to(device) for k in keys}
     vectors = [{k: v.to(device) for k, v in tv.items()} for tv in task_vectors(base, experts)]
-    lam = torch.full((len(experts), len(keys)), float(init), device=device, requires_grad=True)
-    optimizer = torch.optim.Adam([lam], lr=lr)
     backbone, heads = context.backbone.to(device).eval(), context.heads.to(device)
     for p in backbone.parameters():
         p.requires_grad_(False)
@@ -174,23 +191,21 @@ def adamerging(
     pools, held = _held_out(context.unlabeled, guard_size, rng)
     tasks = range(len(pools))
 
-    # on the held-out inputs: what each expert predicts (the guard's reference and the class
-    # prior) and the spread of the starting merge's logits
+    # what each expert predicts on its task's held-out inputs: the guard's reference, the
+    # class prior and the starting point's score
+    expert_pred: list[torch.Tensor | None] = []
+    prior: list[torch.Tensor | None] = []
     with torch.no_grad():
-        start = _merged(dev_base, vectors, keys, lam)
-        expert_pred, prior, spread = [], [], []
         for t in tasks:
-            calib = held[t] or pools[t][:batch_size]
-            logits = _logits(backbone, heads, start, calib, t, device)
-            spread.append(logits.std(-1).mean().clamp_min(1e-6) if normalize_logits else 1.0)
-            if held[t]:
-                expert = {k: v.to(device) for k, v in experts[t].items()}
-                expert_pred.append(_logits(backbone, heads, expert, held[t], t, device).argmax(-1))
-                prior.append(class_prior(expert_pred[t], heads.num_classes[t]))
-                del expert
-            else:  # too few inputs to hold any out: no guard for this task, uniform prior
+            if not held[t]:  # too few inputs to hold any out: unguarded, uniform prior
                 expert_pred.append(None)
                 prior.append(None)
+                continue
+            expert = {k: v.to(device) for k, v in experts[t].items()}
+            expert_pred.append(_logits(backbone, heads, expert, held[t], t, device).argmax(-1))
+            prior.append(class_prior(expert_pred[t], heads.num_classes[t]))
+            del expert
+    checked = [t for t in tasks if expert_pred[t] is not None]
 
     def agreement(params: StateDict) -> list[float | None]:
         """Per task: the share of held-out inputs the merged model classes as the expert."""
@@ -206,10 +221,54 @@ def adamerging(
                 for t in tasks
             ]
 
-    checked = [t for t in tasks if expert_pred[t] is not None]
-    guarded = guard_every > 0 and bool(checked)
+    def mean_agreement(params: StateDict) -> float:
+        scores = agreement(params)
+        return float(np.mean([scores[t] for t in checked]))
+
+    def uniform(value: float) -> torch.Tensor:
+        return torch.full((len(experts), len(keys)), float(value), device=device)
+
     record: dict = {"history": []}
+    if init_search and checked:  # task arithmetic at each λ of the grid, scored without labels
+        grid = sorted({*INIT_GRID, init})
+        scores = {c: mean_agreement(_merged(dev_base, vectors, keys, uniform(c))) for c in grid}
+        chosen = max(scores, key=lambda c: (scores[c], -abs(c - init)))  # ties: nearest init
+        log.info(
+            "adamerging: starting from λ = %g, whose task arithmetic merge agrees with the "
+            "experts on %.1f%% of the held-out inputs (%g: %.1f%%; grid %g..%g)",
+            chosen,
+            100 * scores[chosen],
+            init,
+            100 * scores[init],
+            grid[0],
+            grid[-1],
+        )
+        record["init_agreement"] = scores
+        init = chosen
+    record["init"] = init
+    lam = uniform(init).requires_grad_(True)
+    optimizer = torch.optim.Adam([lam], lr=lr)
+    guarded = guard_every > 0 and bool(checked)
+
+    # the spread of each task's logits at the start (the loss's temperature)
+    with torch.no_grad():
+        start = _merged(dev_base, vectors, keys, lam)
+        spread = [
+            _logits(backbone, heads, start, held[t] or pools[t][:batch_size], t, device)
+            .std(-1)
+            .mean()
+            .clamp_min(1e-6)
+            if normalize_logits
+            else 1.0
+            for t in tasks
+        ]
+
+    def full(params: StateDict) -> StateDict:
+        return {**base, **{k: v.detach().cpu() for k, v in params.items()}}
+
     if guarded:
+        if callback is not None:
+            callback(0, full(start))
         first = agreement(start)
         best = (float(np.mean([first[t] for t in checked])), 0, lam.detach().clone())
         record.update(start=first, history=[(0, first)])
@@ -232,7 +291,11 @@ def adamerging(
             lam.clamp_(0.0, 1.0)
         postfix = {"loss": f"{total / len(pools):.4f}"}
         if guarded and (it % guard_every == 0 or it == iterations):
-            now = agreement(_merged(dev_base, vectors, keys, lam))
+            with torch.no_grad():
+                params = _merged(dev_base, vectors, keys, lam)
+            if callback is not None:
+                callback(it, full(params))
+            now = agreement(params)
             record["history"].append((it, now))
             mean = float(np.mean([now[t] for t in checked]))
             postfix["agree"] = f"{100 * mean:.1f}%"

@@ -1,0 +1,172 @@
+"""Why AdaMerging collapsed: every task's accuracy against its head's entropy along
+AdaMerging's iterations, for the paper's objective and the shipped one.
+
+    python -m bench.adamerging_curve [--config demo] [--iterations 60] [--every 5]
+        [--lr 1e-3] [--eval-limit 300]
+
+Both start at task arithmetic with λ = 0.3 and take the same Adam steps on the same batches:
+
+- paper: the mean entropy of the heads' raw logits, nothing else; the guard watches (its
+  margin set to 1) but never stops it
+- shipped: the config's ``[merge.adamerging]`` with the method's defaults (class prior,
+  logits normalised by their spread, the guard)
+
+At iteration 0 and every ``--every`` iterations, on the same seeded test rows per task: the
+accuracy (labels are read here: this is a diagnosis, not a method), the mean entropy of the
+head's raw logits, and the share of its predictions falling in its most frequent class. A
+curve that keeps its entropy while its accuracy falls, or whose majority share climbs to
+100 %, is the collapse.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import numpy as np
+import torch
+
+from bench.analysis import Analysis, load_config, parser, pct, run_main
+from bench.common import print_table
+from trainer.errors import UserError
+from trainer.merging import MergeContext, get_method
+from trainer.merging.adamerging import adamerging
+from trainer.surgery.features import final_features
+
+NAME = "adamerging_curve"
+PAPER = {
+    "init": 0.3,
+    "init_search": False,
+    "diversity": 0.0,
+    "normalize_logits": False,
+    "guard_margin": 1.0,
+}
+
+
+def main(argv=None) -> int:
+    p = parser(f"bench.{NAME}", __doc__)
+    p.set_defaults(config="demo", eval_limit=300)
+    p.add_argument("--every", type=int, default=5, help="score every N iterations")
+    p.add_argument("--lr", type=float, default=None, help="Adam lr (default: the config's)")
+    return run_main(p, run, argv)
+
+
+def run(args) -> dict:
+    config = load_config(args)
+    if args.every < 1:
+        raise UserError(f"--every must be >= 1, got {args.every}")
+    method = get_method("adamerging")
+    table = config.merge.params.get("adamerging", {})
+    shipped = method.hparams(table, "merge.adamerging")
+    shipped.update(guard_every=args.every)
+    if args.iterations is not None:
+        shipped["iterations"] = args.iterations
+    if args.lr is not None:
+        shipped["lr"] = args.lr
+    recipes = {"paper": {**shipped, **PAPER}, "shipped": shipped}
+
+    a = Analysis(NAME, args, config)
+    exp = a.experiment
+    rows = a.eval_rows or [np.arange(len(t.test)) for t in exp.tasks]
+    inputs = [[t.test.inputs[i] for i in r] for t, r in zip(exp.tasks, rows)]
+    labels = [torch.as_tensor(np.asarray(t.test.labels)[r]) for t, r in zip(exp.tasks, rows)]
+
+    def measure(state) -> dict:
+        finals = final_features(exp.backbone(state), inputs, exp.device, exp.names)
+        out = {"acc": {}, "entropy": {}, "majority": {}}
+        for t, (name, final) in enumerate(zip(exp.names, finals)):
+            with torch.no_grad():
+                ids = torch.full((len(final),), t, dtype=torch.long, device=exp.device)
+                logits = exp.heads(final.to(exp.device), ids)[:, : exp.heads.num_classes[t]]
+                logits = logits.float().cpu()
+            pred = logits.argmax(-1)
+            entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1).mean()
+            out["acc"][name] = (pred == labels[t]).float().mean().item()
+            out["entropy"][name] = entropy.item()
+            out["majority"][name] = torch.bincount(pred).max().item() / len(pred)
+        out["avg"] = float(np.mean(list(out["acc"].values())))
+        return out
+
+    curves, guards = {}, {}
+    for recipe, hparams in recipes.items():
+        points = []
+
+        def record(it, state, points=points):
+            points.append({"iteration": it, **measure(state)})
+
+        context = MergeContext(
+            exp.backbone(exp.base_state),
+            copy.deepcopy(exp.heads),
+            exp.unlabeled,
+            exp.device,
+            config.seed,
+        )
+        experts = [e.state for e in exp.experts]
+        adamerging(exp.base_state, experts, context=context, callback=record, **hparams)
+        curves[recipe] = points
+        guard = context.extra["adamerging"]
+        guards[recipe] = {k: guard.get(k) for k in ("kept", "stopped", "agreement", "start")}
+        guards[recipe]["history"] = guard["history"]
+
+    def describe(recipe: str) -> str:
+        points, guard = curves[recipe], guards[recipe]
+        text = (
+            f"{recipe} {pct(points[0]['avg'])} -> {pct(points[-1]['avg'])} at iteration "
+            f"{points[-1]['iteration']}"
+        )
+        if recipe == "paper":  # its guard never stops and nothing kept is used
+            return text
+        kept = next(p for p in points if p["iteration"] == guard["kept"])
+        stopped = "" if guard["stopped"] is None else f" (guard stopped at {guard['stopped']})"
+        return f"{text}{stopped}, kept iteration {guard['kept']}: {pct(kept['avg'])}"
+
+    summary = f"{config.name}: " + "; ".join(describe(r) for r in recipes)
+    data = a.result(
+        hparams=recipes,
+        curves=curves,
+        guard=guards,
+        summary=summary,
+    )
+
+    def draw(ax):
+        for t, name in enumerate(exp.names):
+            color = f"C{t}"
+            for recipe, style in (("paper", "-"), ("shipped", "--")):
+                points = curves[recipe]
+                xs = [p["entropy"][name] for p in points]
+                ys = [100 * p["acc"][name] for p in points]
+                ax.plot(xs, ys, style, color=color, marker=".", label=f"{name} ({recipe})")
+                ax.plot(xs[-1:], ys[-1:], "x" if recipe == "paper" else "s", color=color)
+            start = curves["paper"][0]
+            ax.plot(start["entropy"][name], 100 * start["acc"][name], "o", color=color, ms=8)
+        ax.set_xlabel("mean entropy of the task's head (raw logits)")
+        ax.set_ylabel("test accuracy (%)")
+        lr = recipes["shipped"]["lr"]
+        ax.set_title(
+            f"{config.name}: AdaMerging from task arithmetic (circle), lr {lr:g}; "
+            "paper objective (solid) vs shipped (dashed)",
+            fontsize=8,
+        )
+
+    a.write(data, draw)
+    names = exp.names
+    print_table(
+        ["recipe", "iteration", *names, "avg", *(f"H {n}" for n in names)],
+        [
+            [
+                r,
+                p["iteration"],
+                *(pct(p["acc"][n]) for n in names),
+                pct(p["avg"]),
+                *(round(p["entropy"][n], 3) for n in names),
+            ]
+            for r in recipes
+            for p in curves[r]
+        ],
+        summary,
+    )
+    return data
+
+
+if __name__ == "__main__":
+    sys.exit(main())
