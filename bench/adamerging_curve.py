@@ -100,12 +100,15 @@ def run(args) -> dict:
             exp.unlabeled,
             exp.device,
             config.seed,
+            names=exp.names,
         )
         experts = [e.state for e in exp.experts]
         adamerging(exp.base_state, experts, context=context, callback=record, **hparams)
         curves[recipe] = points
         guard = context.extra["adamerging"]
-        guards[recipe] = {k: guard.get(k) for k in ("kept", "stopped", "agreement", "start")}
+        guards[recipe] = {
+            k: guard.get(k) for k in ("init", "kept", "stopped", "agreement", "start")
+        }
         guards[recipe]["history"] = guard["history"]
 
     def describe(recipe: str) -> str:
@@ -129,24 +132,7 @@ def run(args) -> dict:
     )
 
     def draw(ax):
-        for t, name in enumerate(exp.names):
-            color = f"C{t}"
-            for recipe, style in (("paper", "-"), ("shipped", "--")):
-                points = curves[recipe]
-                xs = [p["entropy"][name] for p in points]
-                ys = [100 * p["acc"][name] for p in points]
-                ax.plot(xs, ys, style, color=color, marker=".", label=f"{name} ({recipe})")
-                ax.plot(xs[-1:], ys[-1:], "x" if recipe == "paper" else "s", color=color)
-            start = curves["paper"][0]
-            ax.plot(start["entropy"][name], 100 * start["acc"][name], "o", color=color, ms=8)
-        ax.set_xlabel("mean entropy of the task's head (raw logits)")
-        ax.set_ylabel("test accuracy (%)")
-        lr = recipes["shipped"]["lr"]
-        ax.set_title(
-            f"{config.name}: AdaMerging from task arithmetic (circle), lr {lr:g}; "
-            "paper objective (solid) vs shipped (dashed)",
-            fontsize=8,
-        )
+        plot_curves(ax, data, config.name)
 
     a.write(data, draw)
     names = exp.names
@@ -166,6 +152,40 @@ def run(args) -> dict:
         summary,
     )
     return data
+
+
+def plot_curves(ax, data: dict, name: str) -> None:
+    """Accuracy against the head's entropy, one colour per task: the paper's objective solid,
+    the shipped one dashed; a circle at each start, a cross / square at each end."""
+    styles = {"paper": ("-", "x", "solid"), "shipped": ("--", "s", "dashed")}
+    for t, task in enumerate(data["tasks"]):
+        for recipe, (line, end, _) in styles.items():
+            points = data["curves"][recipe]
+            xs = [p["entropy"][task] for p in points]
+            ys = [100 * p["acc"][task] for p in points]
+            label = task if recipe == "paper" else None
+            ax.plot(xs, ys, line, color=f"C{t}", marker=".", label=label)
+            ax.plot(
+                xs[:1],
+                ys[:1],
+                "o",
+                color=f"C{t}",
+                ms=7,
+                mfc="none" if recipe == "shipped" else None,
+            )
+            ax.plot(xs[-1:], ys[-1:], end, color=f"C{t}", ms=7)
+    starts = {r: data["guard"][r]["init"] for r in styles}
+    steps = {r: data["curves"][r][-1]["iteration"] for r in styles}
+    for recipe, (line, end, look) in styles.items():
+        label = f"{recipe} ({look}): from λ = {starts[recipe]:g}, {steps[recipe]} steps"
+        ax.plot([], [], line, color="black", marker=end, label=label)
+    ax.set_xlabel("mean entropy of the task's head (raw logits)")
+    ax.set_ylabel("test accuracy (%)")
+    lr = data["hparams"]["shipped"]["lr"]
+    ax.set_title(
+        f"{name}: AdaMerging, accuracy vs entropy per task (Adam lr {lr:g}; circles: start)",
+        fontsize=9,
+    )
 
 
 if __name__ == "__main__":

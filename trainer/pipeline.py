@@ -111,6 +111,7 @@ class Experiment:
                 self.unlabeled,
                 self.device,
                 self.config.seed,
+                names=self.names,
             )
         experts = [e.state for e in self.experts]
         if any(isinstance(v, Searched) for v in hparams.values()):

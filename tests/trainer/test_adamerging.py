@@ -158,7 +158,9 @@ def _collapse_case(scale: float = 4.0):
         [scale * torch.tensor([[1.0, 0.0], [0.0, 0.0]]), scale * torch.tensor([[0, 1.0], [0, -1]])],
         [torch.zeros(2), torch.zeros(2)],
     )
-    ctx = MergeContext(Linear2(), heads, [inputs, inputs], torch.device("cpu"))
+    ctx = MergeContext(
+        Linear2(), heads, [inputs, inputs], torch.device("cpu"), names=["shifted", "plain"]
+    )
     return base, experts, ctx, torch.stack(inputs)
 
 
@@ -191,6 +193,7 @@ def test_guard_stops_the_collapse_and_says_so(caplog):
     assert record["stopped"] is not None and record["stopped"] < 200
     assert record["kept"] < record["stopped"]
     assert "adamerging guard: stopped at iteration" in caplog.text
+    assert "task shifted agrees with its expert" in caplog.text
     assert "adamerging guard: kept the coefficients of iteration" in caplog.text
     # the kept checkpoint is within the margin on the held-out inputs, and not collapsed
     kept = dict(record["history"])[record["kept"]]

@@ -304,11 +304,11 @@ def adamerging(
                 t = min(fallen, key=lambda t: now[t] - first[t])
                 stopped = it
                 log.info(
-                    "adamerging guard: stopped at iteration %d: task %d agrees with its expert "
+                    "adamerging guard: stopped at iteration %d: task %s agrees with its expert "
                     "on %.1f%% of %d held-out inputs, %.1f points below %.1f%% at the start "
                     "(margin %.1f)",
                     it,
-                    t,
+                    context.names[t] if context.names else t,
                     100 * now[t],
                     len(held[t]),
                     100 * (first[t] - now[t]),

@@ -166,6 +166,7 @@ class MergeContext:
     device: torch.device
     seed: int = 0
     extra: dict = field(default_factory=dict)
+    names: list[str] = field(default_factory=list)  # the tasks' names, for log lines
 
 
 def merge(
