@@ -119,3 +119,22 @@ name = "colours"
 path = "{{data}}/colours"
 """)
     return path
+
+
+def run_fit(config, tmp_path, *extra) -> int:
+    """``python -m trainer.fit`` on ``config`` with data, out and cache under ``tmp_path``."""
+    from trainer.fit import main
+
+    return main(
+        [
+            "--config",
+            str(config),
+            "--data",
+            str(tmp_path / "data"),
+            "--out",
+            str(tmp_path / "out"),
+            "--cache",
+            str(tmp_path / "cache"),
+            *extra,
+        ]
+    )

@@ -9,29 +9,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modeldir import sha256_file
-from tests.conftest import REPO
-from trainer.fit import main
+from tests.conftest import REPO, run_fit
 from trainer.results.bundle import load_bundle
 
 
-def _run(config, tmp_path, *extra):
-    return main(
-        [
-            "--config",
-            str(config),
-            "--data",
-            str(tmp_path / "data"),
-            "--out",
-            str(tmp_path / "out"),
-            "--cache",
-            str(tmp_path / "cache"),
-            *extra,
-        ]
-    )
-
-
 def test_fit_writes_results_bundle_and_table(tiny_config, tmp_path, capsys):
-    assert _run(tiny_config, tmp_path) == 0
+    assert run_fit(tiny_config, tmp_path) == 0
     out = tmp_path / "out"
     results = json.loads((out / "results.json").read_text())
     labels = [(r["method"], r["surgery"]) for r in results["rows"]]
@@ -59,7 +42,7 @@ def test_fit_writes_results_bundle_and_table(tiny_config, tmp_path, capsys):
     assert model.task_names == ["animals", "colours"]
     assert manifest["accuracy"]["avg"] == max(r["avg"] for r in results["rows"][1:])
     # warm run: experts come from the cache
-    assert _run(tiny_config, tmp_path) == 0
+    assert run_fit(tiny_config, tmp_path) == 0
     again = json.loads((out / "results.json").read_text())
     assert again["rows"] == results["rows"]
 
@@ -71,34 +54,34 @@ def _error(capsys):
 
 
 def test_unknown_config_key(tiny_config, tmp_path, capsys):
-    assert _run(tiny_config, tmp_path, "--set", "surgery.rnak=4") == 2
+    assert run_fit(tiny_config, tmp_path, "--set", "surgery.rnak=4") == 2
     assert "surgery.rnak" in _error(capsys)
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_task_path(tiny_config, tmp_path, capsys):
     tiny_config.write_text(tiny_config.read_text().replace("{data}/colours", "{data}/nothing"))
-    assert _run(tiny_config, tmp_path) == 2
+    assert run_fit(tiny_config, tmp_path) == 2
     assert "nothing" in _error(capsys)
     assert not (tmp_path / "out").exists()
 
 
 def test_rank_wider_than_the_backbone(tiny_config, tmp_path, capsys):
-    assert _run(tiny_config, tmp_path, "--set", "surgery.rank=64") == 2
+    assert run_fit(tiny_config, tmp_path, "--set", "surgery.rank=64") == 2
     assert "exceeds the backbone width 32" in _error(capsys)
 
 
 def test_wild_folder_missing_or_empty(tiny_config, tmp_path, capsys):
-    assert _run(tiny_config, tmp_path, "--set", f"surgery.unlabeled='{tmp_path}/wild'") == 2
+    assert run_fit(tiny_config, tmp_path, "--set", f"surgery.unlabeled='{tmp_path}/wild'") == 2
     assert "does not exist" in _error(capsys)
     (tmp_path / "wild").mkdir()
-    assert _run(tiny_config, tmp_path, "--set", f"surgery.unlabeled='{tmp_path}/wild'") == 2
+    assert run_fit(tiny_config, tmp_path, "--set", f"surgery.unlabeled='{tmp_path}/wild'") == 2
     assert "holds no inputs" in _error(capsys)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_cuda(tiny_config, tmp_path, capsys):
-    assert _run(tiny_config, tmp_path, "--device", "cuda") == 2
+    assert run_fit(tiny_config, tmp_path, "--device", "cuda") == 2
     assert "CUDA is not available" in _error(capsys)
 
 
@@ -117,7 +100,7 @@ def test_expert_checkpoint_with_a_mismatched_parameter(
         f'path = "{{data}}/animals"\ncheckpoint = "{tmp_path}/expert.safetensors"',
     )
     tiny_config.write_text(text)
-    assert _run(tiny_config, tmp_path) == 2
+    assert run_fit(tiny_config, tmp_path) == 2
     msg = _error(capsys)
     assert "encoder.layer.0.attention.self.query.weight" in msg and "shape [16, 32]" in msg
 
@@ -134,7 +117,7 @@ def test_cli_module_exit_code():
 
 def test_branch_block_reaches_the_bundle(tiny_config, tmp_path):
     assert (
-        _run(
+        run_fit(
             tiny_config,
             tmp_path,
             "--set",

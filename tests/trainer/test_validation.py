@@ -9,12 +9,11 @@ import torch
 
 import trainer.experts.expert as expert_module
 import trainer.experts.multitask as multitask_module
-from tests.conftest import write_text_task
+from tests.conftest import run_fit, write_text_task
 from trainer.config import load_config
 from trainer.data.tasks import load_task
 from trainer.data.validation import hold_out_validation, read_validation, stratified_rows
 from trainer.errors import UserError
-from trainer.fit import main
 from trainer.merging import METHODS, Searched, merge
 from trainer.merging.averaging import LAMBDA_GRID
 from trainer.merging.search import search
@@ -307,22 +306,6 @@ def test_without_validation_rows_unlabeled_inputs_are_scored_by_agreement(
 # ---- results and errors -----------------------------------------------------------------------
 
 
-def _run(config, tmp_path, *extra):
-    return main(
-        [
-            "--config",
-            str(config),
-            "--data",
-            str(tmp_path / "data"),
-            "--out",
-            str(tmp_path / "out"),
-            "--cache",
-            str(tmp_path / "cache"),
-            *extra,
-        ]
-    )
-
-
 def _error(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0]
@@ -343,7 +326,7 @@ def _error(capsys):
     ],
 )
 def test_bad_validation_and_search_settings(tiny_config, tmp_path, capsys, override, message):
-    assert _run(tiny_config, tmp_path, "--set", override) == 2
+    assert run_fit(tiny_config, tmp_path, "--set", override) == 2
     assert message in _error(capsys)
     assert not (tmp_path / "out").exists()
 
@@ -353,12 +336,12 @@ def test_a_missing_validation_file_is_named(tiny_config, tmp_path, capsys):
         'path = "{data}/colours"', 'path = "{data}/colours"\nvalidation = "{data}/none.jsonl"'
     )
     tiny_config.write_text(text)
-    assert _run(tiny_config, tmp_path) == 2
+    assert run_fit(tiny_config, tmp_path) == 2
     assert "task 'colours': validation" in _error(capsys)
 
 
 def test_results_record_the_search(tiny_config, tmp_path, capsys):
-    assert _run(tiny_config, tmp_path, "--set", "validation.size=12") == 0
+    assert run_fit(tiny_config, tmp_path, "--set", "validation.size=12") == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     ta = results["merge"]["task_arithmetic"]
     assert ta["search"]["criterion"] == "accuracy" and ta["search"]["grid"]["lam"] == list(

@@ -281,6 +281,25 @@ def read_image(path: Path) -> np.ndarray:
         raise UserError(f"cannot decode image {path}: {exc}; remove or replace the file") from None
 
 
+def read_class_folders(
+    class_dirs: list[Path], classes: list[str], where: str
+) -> tuple[Split, list[Path]]:
+    """Labelled images from class folders named after ``classes`` (a folder of another name is
+    a ``UserError``), with the files read."""
+    inputs, labels, files = [], [], []
+    for class_dir in class_dirs:
+        if class_dir.name not in classes:
+            raise UserError(
+                f"{where}: class folder {class_dir} is not among the task's classes {classes}"
+            )
+        for f in sorted(class_dir.iterdir()):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                inputs.append(read_image(f))
+                labels.append(classes.index(class_dir.name))
+                files.append(f)
+    return Split(inputs, np.asarray(labels, dtype=np.int64)), files
+
+
 def _load_image_folders(name: str, folder: Path) -> TaskData:
     """train/<class>/* (optional: a given expert needs none) and test/<class>/*."""
     source = folder / ("train" if (folder / "train").is_dir() else "test")
@@ -296,19 +315,10 @@ def _load_image_folders(name: str, folder: Path) -> TaskData:
                 splits["train"] = None
                 continue
             raise UserError(f"task '{name}': {root} is missing (class folders of test images)")
-        inputs, labels = [], []
-        for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-            if class_dir.name not in classes:
-                raise UserError(
-                    f"task '{name}': class folder {class_dir} is not among the "
-                    f"train classes {classes}"
-                )
-            for f in sorted(class_dir.iterdir()):
-                if f.suffix.lower() in IMAGE_SUFFIXES:
-                    inputs.append(read_image(f))
-                    labels.append(classes.index(class_dir.name))
-                    files.append(f)
-        splits[split_name] = Split(inputs, np.asarray(labels, dtype=np.int64))
+        class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
+        split, read = read_class_folders(class_dirs, classes, f"task '{name}'")
+        splits[split_name] = split
+        files += read
     return TaskData(name, classes, "image", splits["train"], splits["test"], _hash_files(*files))
 
 

@@ -22,7 +22,15 @@ import numpy as np
 
 from ..config import Config, TaskConfig
 from ..errors import UserError
-from .tasks import IMAGE_SUFFIXES, Split, TaskData, read_image, read_jsonl, resolve_path
+from .tasks import (
+    IMAGE_SUFFIXES,
+    Split,
+    TaskData,
+    read_class_folders,
+    read_image,
+    read_jsonl,
+    resolve_path,
+)
 
 DEFAULT_ROWS = 200  # "auto": this many rows per task, at most a fifth of its train split
 AUTO_SHARE = 5
@@ -155,18 +163,7 @@ def _read_image_folder(folder: Path, task: TaskData, where: str) -> Split:
     if not class_dirs:
         files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         return Split([read_image(f) for f in files], None)
-    inputs, labels = [], []
-    for class_dir in class_dirs:
-        if class_dir.name not in task.classes:
-            raise UserError(
-                f"{where}: class folder {class_dir.name} is not among the task's classes "
-                f"{task.classes}"
-            )
-        for f in sorted(class_dir.iterdir()):
-            if f.suffix.lower() in IMAGE_SUFFIXES:
-                inputs.append(read_image(f))
-                labels.append(task.classes.index(class_dir.name))
-    return Split(inputs, np.asarray(labels, dtype=np.int64))
+    return read_class_folders(class_dirs, task.classes, where)[0]
 
 
 @dataclass
