@@ -157,7 +157,7 @@ def convert_to_fp16(path: Path) -> list[str]:
 def convert_to_int8(path: Path) -> dict:
     """fp32 graph -> int8, in place, with onnxruntime's dynamic quantization: the MatMuls
     whose weight is a constant (the backbone's linear layers, nearly all of its FLOPs) get int8
-    weights (per tensor, symmetric) and uint8 activations quantized on the fly per batch.
+    weights (per output channel, symmetric) and uint8 activations quantized on the fly per batch.
     Everything else stays fp32: the adapters and heads (their weights are gathered per row,
     so they are not constants), the attention score MatMuls, embeddings, LayerNorm, softmax.
     Dynamic, not static: no calibration data is needed and each batch gets its own activation
@@ -178,14 +178,14 @@ def convert_to_int8(path: Path) -> dict:
             op_types_to_quantize=["MatMul"],
             nodes_to_quantize=nodes,
             weight_type=QuantType.QInt8,
-            per_channel=False,
+            per_channel=True,
             extra_options={"MatMulConstBOnly": True},
         )
     finally:
         root.setLevel(level)
     return {
         "method": "onnxruntime.quantization.quantize_dynamic",
-        "weights": "int8, per tensor, symmetric",
+        "weights": "int8, per output channel, symmetric",
         "activations": "uint8, dynamic (range of each batch)",
         "quantized_matmuls": len(nodes),
         "fp32_matmuls": total - len(nodes),
