@@ -135,16 +135,25 @@ def check_labels(task: TaskData, where: str) -> None:
         return
     for split_name in ("train", "test"):
         split = getattr(task, split_name)
-        if split is None or split.labels is None:
-            continue
-        bad = (split.labels < 0) | (split.labels >= task.num_classes)
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise UserError(
-                f"task '{task.name}': {split_name} row {i} has label {int(split.labels[i])}, "
-                f"outside the {task.num_classes} classes of {where} "
-                f"(labels must be 0..{task.num_classes - 1})"
+        if split is not None:
+            row = f"task '{task.name}': {split_name}"
+            check_split_labels(
+                split, task.num_classes, row, f"the {task.num_classes} classes of {where}"
             )
+
+
+def check_split_labels(split: Split, num_classes: int, where: str, classes: str) -> None:
+    """Every label of ``split`` (if labelled) is in 0..num_classes-1, else a ``UserError``
+    naming ``where`` the row is and ``classes``, the classes it should be among."""
+    if split.labels is None:
+        return
+    bad = (split.labels < 0) | (split.labels >= num_classes)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise UserError(
+            f"{where} row {i} has label {int(split.labels[i])}, outside {classes} "
+            f"(labels must be 0..{num_classes - 1})"
+        )
 
 
 def _prefix(split: Split, limit: int) -> np.ndarray:

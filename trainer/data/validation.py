@@ -26,6 +26,7 @@ from .tasks import (
     IMAGE_SUFFIXES,
     Split,
     TaskData,
+    check_split_labels,
     read_class_folders,
     read_image,
     read_jsonl,
@@ -132,14 +133,9 @@ def read_validation(task: TaskData, path: Path) -> Split:
         raise UserError(f"{where} is not {expected}")
     if len(split) == 0:
         raise UserError(f"{where} holds no rows")
-    if split.labels is not None and task.classes:
-        bad = (split.labels < 0) | (split.labels >= task.num_classes)
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise UserError(
-                f"{where}: row {i} has label {int(split.labels[i])}, outside the task's "
-                f"{task.num_classes} classes (labels must be 0..{task.num_classes - 1})"
-            )
+    if task.classes:
+        classes = f"the task's {task.num_classes} classes"
+        check_split_labels(split, task.num_classes, f"{where}:", classes)
     return split
 
 
