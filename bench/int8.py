@@ -193,6 +193,7 @@ def run(args) -> dict:
         "accuracy_loss_points": round(100 * loss, 2),
         "int8": manifests["int8"]["int8"],
         "parity": {k: manifests[k]["parity"]["top1_agreement"] for k in PRECISIONS},
+        "parity_judged_on": {k: manifests[k]["parity"]["judged_on"] for k in PRECISIONS},
         "adapter_form": manifests["fp32"]["adapter_form"],
         "settings": {"requests": args.requests, "clients": args.clients, "rounds": args.rounds},
         "loadavg_before": before,

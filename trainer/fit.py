@@ -18,7 +18,7 @@ from .config import Config, load_config
 from .errors import run_cli
 from .pipeline import prepare, resolve_device
 from .progress import quiet_libraries
-from .results.bundle import write_bundle
+from .results.bundle import sample_inputs, write_bundle
 from .results.report import (
     format_table,
     plot_bias,
@@ -132,7 +132,12 @@ def fit(config: Config, *, data_root: Path, cache: Path, out: Path, device: str 
             merge_info["searched"] = exp.searches[row["method"]].searched
             merge_info["criterion"] = exp.validation.criterion
         info = {"suite": config.name, "merge": merge_info, "accuracy": row}
-        write_bundle(out / "bundle", model.cpu(), [t.classes for t in exp.tasks], info)
+        pools = [
+            pool if pool is not None and len(pool) else task.test.inputs
+            for pool, task in zip(exp.unlabeled or [None] * len(exp.tasks), exp.tasks, strict=True)
+        ]
+        samples = sample_inputs(pools, config.seed)
+        write_bundle(out / "bundle", model.cpu(), [t.classes for t in exp.tasks], info, samples)
         exp.lap("bundle")
     results = {
         "suite": config.name,

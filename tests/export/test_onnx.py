@@ -106,9 +106,13 @@ def check_model_dir(out, bundle, precision="fp32"):
     assert manifest["outputs"][0]["shape"] == ["rows", c_max]
     parity = manifest["parity"]
     tasks = len(manifest["tasks"])
-    assert parity["distinct_inputs"] == 8 * tasks
-    assert parity["rows"] == parity_rows(tasks)
+    synth = parity["synthesized"]
+    assert synth["distinct_inputs"] == 8 * tasks
+    assert synth["rows"] == parity_rows(tasks)
+    assert synth["rows_sharing_an_input"] == synth["rows"] - synth["distinct_inputs"]
     assert parity["rows_sharing_an_input"] == parity["rows"] - parity["distinct_inputs"]
+    if "real" not in parity:
+        assert parity["judged_on"] == "synthesized" and parity["rows"] == synth["rows"]
     assert set(parity["tasks"]) == {t["name"] for t in manifest["tasks"]}
     if precision == "fp32":
         assert parity["max_abs_logit_diff"] <= 1e-4 and parity["top1_agreement"] == 1.0

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from modeldir import sha256_file
 from tests.conftest import REPO, run_fit
-from trainer.results.bundle import load_bundle
+from trainer.results.bundle import SAMPLE_ROWS, load_bundle, read_samples
 
 
 def test_fit_writes_results_bundle_and_table(tiny_config, tmp_path, capsys):
@@ -41,6 +41,12 @@ def test_fit_writes_results_bundle_and_table(tiny_config, tmp_path, capsys):
     model, _ = load_bundle(out / "bundle")
     assert model.task_names == ["animals", "colours"]
     assert manifest["accuracy"]["avg"] == max(r["avg"] for r in results["rows"][1:])
+    # a seeded sample of the real inputs surgery learned from travels with the bundle
+    assert manifest["samples"]["file"] == "samples.json"
+    sample = read_samples(out / "bundle", manifest, ["animals", "colours"])
+    assert [len(rows) for rows in sample] == list(manifest["samples"]["rows"].values())
+    assert all(0 < len(rows) <= SAMPLE_ROWS for rows in sample)
+    assert all(isinstance(x, str) and x for rows in sample for x in rows)
     # warm run: experts come from the cache
     assert run_fit(tiny_config, tmp_path) == 0
     again = json.loads((out / "results.json").read_text())

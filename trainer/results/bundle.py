@@ -9,8 +9,10 @@ directory and renamed, so a bundle is either complete or absent.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 from safetensors.torch import load_file, save_file
 
 import modeldir
@@ -30,12 +32,100 @@ from ..errors import UserError
 from ..surgery.model import Heads, MultiTaskModel, TaskHead
 
 WEIGHTS = ("backbone.safetensors", "tasks.safetensors")
+# A small seeded sample of each task's real inputs travels with the bundle, so the exporter can
+# check its graph on in-distribution rows as well as on synthesized ones: int8's top-1 bar is
+# judged on these (near-tie logits of out-of-distribution text flip under any quantization).
+SAMPLES = {"text": "samples.json", "image": "samples.npz"}
+SAMPLE_ROWS = 32
+
+
+def sample_inputs(pools: list, seed: int, rows: int = SAMPLE_ROWS) -> list[list]:
+    """``rows`` seeded inputs of every task's pool (texts, or uint8 images)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for pool in pools:
+        index = np.sort(rng.choice(len(pool), min(rows, len(pool)), replace=False))
+        out.append([pool[int(i)] for i in index])
+    return out
+
+
+def _shrunk(image, short_side: int) -> np.ndarray:
+    """A uint8 RGB image with its shorter side at most ``short_side`` (the samples stay small;
+    the backbone's own preprocessing still resizes and crops them)."""
+    from PIL import Image
+
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    h, w = arr.shape[:2]
+    if min(h, w) <= short_side:
+        return np.ascontiguousarray(arr[..., :3], dtype=np.uint8)
+    scale = short_side / min(h, w)
+    pil = Image.fromarray(arr[..., :3].astype(np.uint8)).resize(
+        (max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC
+    )
+    return np.asarray(pil, dtype=np.uint8)
+
+
+def write_samples(directory: Path, modality: str, names: list[str], samples: list[list], size=()):
+    """Write the sample file into ``directory`` -> its name. Text: JSON {task: [texts]};
+    images: an .npz with one uint8 [H, W, 3] array per input, keyed ``task/i``."""
+    file = SAMPLES[modality]
+    if modality == "text":
+        data = {
+            "tasks": {n: [str(x) for x in rows] for n, rows in zip(names, samples, strict=True)}
+        }
+        (directory / file).write_text(json.dumps(data, ensure_ascii=False) + "\n")
+    else:
+        short = max(size) if size else 224
+        arrays = {
+            f"{n}/{i}": _shrunk(img, short)
+            for n, rows in zip(names, samples, strict=True)
+            for i, img in enumerate(rows)
+        }
+        with open(directory / file, "wb") as f:
+            np.savez_compressed(f, **arrays)
+    return file
+
+
+def read_samples(directory: Path, manifest: dict, names: list[str]) -> list[list] | None:
+    """The bundle's real input sample for ``names`` (None: a bundle written without one)."""
+    record = manifest.get("samples")
+    if not record:
+        return None
+    path = Path(directory) / record["file"]
+    try:
+        if path.suffix == ".json":
+            tasks = json.loads(path.read_text())["tasks"]
+            return [list(tasks[n]) for n in names]
+        with np.load(path, allow_pickle=False) as data:
+            keys = list(data.keys())
+            return [
+                [
+                    data[k]
+                    for k in sorted(
+                        (k for k in keys if k.rsplit("/", 1)[0] == n),
+                        key=lambda k: int(k.rsplit("/", 1)[1]),
+                    )
+                ]
+                for n in names
+            ]
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(
+            f"{path}: cannot read the bundle's input sample ({type(exc).__name__}: {exc}); "
+            "re-run python -m trainer.fit"
+        ) from None
 
 
 def write_bundle(
-    directory: Path, model: MultiTaskModel, classes: list[list[str]], info: dict
+    directory: Path,
+    model: MultiTaskModel,
+    classes: list[list[str]],
+    info: dict,
+    samples: list[list] | None = None,
 ) -> Path:
-    """Write ``model`` (its backbone holds the merged weights) to ``directory`` atomically."""
+    """Write ``model`` (its backbone holds the merged weights) to ``directory`` atomically,
+    with ``samples`` (per task, a few real inputs: see ``sample_inputs``) when given."""
     try:
         tasks = task_entries(model.task_names, classes)
     except ManifestError as exc:
@@ -53,6 +143,19 @@ def write_bundle(
         save_file(task_state, str(tmp / WEIGHTS[1]))
         assets = model.backbone.save_assets(tmp)
         files = [*WEIGHTS, *assets]
+        sample_record = {}
+        if samples is not None:
+            modality = model.backbone.modality
+            size = tuple(getattr(model.backbone, "image_size", ()))
+            file = write_samples(tmp, modality, model.task_names, samples, size)
+            files.append(file)
+            sample_record = {
+                "samples": {
+                    "file": file,
+                    "rows": {n: len(r) for n, r in zip(model.task_names, samples, strict=True)},
+                    "source": "seeded rows of the inputs surgery learned from (unlabeled)",
+                }
+            }
         manifest = {
             "format_version": FORMAT_VERSION,
             "modality": model.backbone.modality,
@@ -72,6 +175,7 @@ def write_bundle(
             },
             "assets": assets,
             "sha256": {name: sha256_file(tmp / name) for name in files},
+            **sample_record,
             **info,
         }
         write_json_atomic(tmp / modeldir.MANIFEST, manifest)
@@ -101,6 +205,13 @@ def read_manifest(directory: Path) -> dict:
             _require(isinstance(value, dict), path, f"'{key}' must be an object")
             for field in fields:
                 _require(field in value, path, f"{key}.{field} is missing")
+        samples = manifest.get("samples")
+        if samples is not None:
+            _require(
+                isinstance(samples, dict) and samples.get("file") in manifest["sha256"],
+                path,
+                "'samples' must name a file listed in sha256",
+            )
         files = sorted({*WEIGHTS, *assets, *manifest["sha256"]})
         verify_files(directory, manifest["sha256"], files, hint="re-run python -m trainer.fit")
     except ManifestError as exc:
