@@ -698,6 +698,7 @@ def _start_deployment(kind: str, args, flags: list[str], tasks: list[str]):
             routes["*"] = [s.addr for s in processes.values()]
         else:
             extra = ["--group-by-task"] if kind == "group-by-task" else []
+            extra += ["--batches-in-flight", str(args.batches_in_flight)]
             processes["all"] = ServerProcess(args.model, *flags, *extra)
             routes = {k: [processes["all"].addr] for k in [*tasks, "*"]}
     except BaseException:
@@ -830,6 +831,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-delay-ms", type=float, default=5.0)
     p.add_argument("--max-batch-tokens", type=int, default=0, help="server flag (0: no cap)")
     p.add_argument("--intra-op-threads", type=int, default=0, help="server flag (0: auto)")
+    p.add_argument("--batches-in-flight", type=int, default=1, help="server flag (fused servers)")
     p.add_argument("--providers", default="cpu", choices=["auto", "cuda", "cpu"])
     p.add_argument("--no-naive", action="store_true", help="only measure the fused server")
     p.add_argument("--out", type=Path, default=RESULTS / "serving_load.json")

@@ -6,8 +6,11 @@ a lone request never waits for company that is not coming. Jobs are never split:
 rows goes into one batch whole. The oldest job always opens the next batch (no starvation); the
 others are picked by how close their length (tokens) is to it, because every row is padded to
 the batch's longest: on CPU, padding is compute thrown away. `max_tokens` (rows x longest)
-optionally caps a batch's padded size. The work itself (`run_batch`) runs in one dedicated
-thread, so the event loop keeps accepting and preprocessing requests while the graph executes.
+optionally caps a batch's padded size. The work itself (`run_batch`) runs in dedicated
+threads, so the event loop keeps accepting and preprocessing requests while the graph executes.
+`in_flight` batches may execute at once (default 1: the next batch forms while one runs and
+starts when it ends); with 2 the next batch starts while the first still runs, so the cores do
+not wait on the Python work between graph runs (onnxruntime sessions take concurrent runs).
 
 `max_queue` bounds the requests waiting (being preprocessed or queued, not yet in a running
 batch): `expecting()` raises `QueueFull` beyond it, so overload fails fast instead of growing
@@ -70,6 +73,7 @@ class Batcher:
         max_queue: int = 0,
         on_batch: OnBatch | None = None,
         count_inputs: CountInputs | None = None,
+        in_flight: int = 1,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -79,7 +83,10 @@ class Batcher:
             raise ValueError(f"max_tokens must be >= 0 (0: no limit), got {max_tokens}")
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0 (0: no limit), got {max_queue}")
+        if in_flight < 1:
+            raise ValueError(f"in_flight must be >= 1, got {in_flight}")
         self.max_queue = max_queue
+        self.in_flight = in_flight
         self.on_batch = on_batch
         self.count_inputs = count_inputs
         self.max_tokens = max_tokens
@@ -89,7 +96,7 @@ class Batcher:
         self._queue: deque[Job] = deque()
         self._incoming = 0  # jobs being preprocessed, soon to be submitted
         self._wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._executor = ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="engine")
         self._task: asyncio.Task | None = None
         self.stats = {
             "batches": 0,
@@ -232,45 +239,75 @@ class Batcher:
         return out
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = self._live(await self._next_batch())
-            if not batch:
-                continue
-            started = time.monotonic()
-            try:
-                results = await loop.run_in_executor(
-                    self._executor, self._run_isolated, [j.payload for j in batch]
-                )
-            except asyncio.CancelledError:  # close() during a run: nobody will answer these
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(RuntimeError("server shutting down"))
-                raise
-            except Exception as e:
-                log.exception("batch of %d jobs failed", len(batch))
-                results = [(False, e)] * len(batch)
-            self.stats["batches"] += 1
-            self.stats["jobs"] += len(batch)
-            rows = sum(j.rows for j in batch)
-            self.stats["rows"] += rows
-            inputs = rows
-            if self.count_inputs is not None:
+        slots = asyncio.Semaphore(self.in_flight)
+        running: set[asyncio.Task] = set()
+
+        def finished(task: asyncio.Task) -> None:
+            running.discard(task)
+            slots.release()
+
+        try:
+            while True:
+                await slots.acquire()
                 try:
-                    inputs = self.count_inputs([j.payload for j in batch])
-                except Exception:  # statistics must never fail the requests
-                    log.exception("count_inputs failed")
-            self.stats["inputs"] += inputs
-            if self.on_batch is not None:
-                try:
-                    waits = [started - j.queued_at for j in batch]
-                    self.on_batch(rows, len(batch), waits, time.monotonic() - started, inputs)
-                except Exception:  # a metrics hook must never fail the requests
-                    log.exception("on_batch hook failed")
-            for job, (ok, value) in zip(batch, results, strict=True):
-                if job.future.done():
+                    batch = self._live(await self._next_batch())
+                except BaseException:
+                    slots.release()
+                    raise
+                if not batch:
+                    slots.release()
                     continue
-                if ok:
-                    job.future.set_result(value)
-                else:
-                    job.future.set_exception(value)
+                if self.in_flight == 1:  # no task: the batch runs here, as before
+                    try:
+                        await self._execute(batch)
+                    finally:
+                        slots.release()
+                    continue
+                task = asyncio.get_running_loop().create_task(self._execute(batch))
+                running.add(task)
+                task.add_done_callback(finished)
+        finally:  # close(): the running batches' jobs get their shutdown error
+            for task in list(running):
+                task.cancel()
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+
+    async def _execute(self, batch: list[Job]) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        try:
+            results = await loop.run_in_executor(
+                self._executor, self._run_isolated, [j.payload for j in batch]
+            )
+        except asyncio.CancelledError:  # close() during a run: nobody will answer these
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(RuntimeError("server shutting down"))
+            raise
+        except Exception as e:
+            log.exception("batch of %d jobs failed", len(batch))
+            results = [(False, e)] * len(batch)
+        self.stats["batches"] += 1
+        self.stats["jobs"] += len(batch)
+        rows = sum(j.rows for j in batch)
+        self.stats["rows"] += rows
+        inputs = rows
+        if self.count_inputs is not None:
+            try:
+                inputs = self.count_inputs([j.payload for j in batch])
+            except Exception:  # statistics must never fail the requests
+                log.exception("count_inputs failed")
+        self.stats["inputs"] += inputs
+        if self.on_batch is not None:
+            try:
+                waits = [started - j.queued_at for j in batch]
+                self.on_batch(rows, len(batch), waits, time.monotonic() - started, inputs)
+            except Exception:  # a metrics hook must never fail the requests
+                log.exception("on_batch hook failed")
+        for job, (ok, value) in zip(batch, results, strict=True):
+            if job.future.done():
+                continue
+            if ok:
+                job.future.set_result(value)
+            else:
+                job.future.set_exception(value)

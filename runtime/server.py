@@ -85,7 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="benchmark baseline: one task per batch (a '*' runs as one job per task)",
     )
     p.add_argument("--workers", type=int, default=0, help="preprocessing threads (0: auto)")
-    p.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime threads (0: auto)")
+    p.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=0,
+        help="onnxruntime threads per batch (0: auto, the cores shared by the batches in flight)",
+    )
+    p.add_argument(
+        "--batches-in-flight",
+        type=int,
+        default=1,
+        help="batches executing at once (2: the next starts while one runs)",
+    )
     p.add_argument("--grace-s", type=float, default=30.0, help="drain time on SIGTERM")
     p.add_argument(
         "--max-queue",
@@ -124,6 +135,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-message-mb {args.max_message_mb} must be > 0")
     if args.workers < 0 or args.intra_op_threads < 0:
         raise ValueError("--workers and --intra-op-threads must be >= 0")
+    if args.batches_in_flight < 1:
+        raise ValueError(f"--batches-in-flight {args.batches_in_flight} must be >= 1")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ValueError("--tls-cert and --tls-key go together; pass both or neither")
     for flag in ("tls_cert", "tls_key", "token_file"):
@@ -198,7 +211,11 @@ def build_model(path: Path, version: int | None, args: argparse.Namespace) -> In
     """One model dir -> InferenceModel; ModelDirError/EngineError/ValueError on a bad dir."""
     spec = load_model_dir(path, task=args.task)
     pre = make_preprocessor(spec)
-    engine = Engine(spec, pre, providers=args.providers, intra_op_threads=args.intra_op_threads)
+    threads = args.intra_op_threads
+    in_flight = getattr(args, "batches_in_flight", 1)
+    if not threads and in_flight > 1:  # the batches in flight share the cores
+        threads = max(1, (os.cpu_count() or 1) // in_flight)
+    engine = Engine(spec, pre, providers=args.providers, intra_op_threads=threads)
     return InferenceModel(spec, pre, engine, version)
 
 
@@ -249,6 +266,7 @@ async def start(args: argparse.Namespace, model: InferenceModel | None = None) -
         max_queue=args.max_queue,
         on_batch=metrics.on_batch if metrics is not None else None,
         count_inputs=count_inputs,
+        in_flight=args.batches_in_flight,
     )
     servicer = InferenceServicer(
         model, batcher, pool, metrics, getattr(args, "group_by_task", False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -135,6 +136,73 @@ def test_bad_settings_are_refused():
         Batcher(Recorder(), max_batch=0)
     with pytest.raises(ValueError, match="max_delay_ms"):
         Batcher(Recorder(), max_delay_ms=-1)
+    with pytest.raises(ValueError, match="in_flight"):
+        Batcher(Recorder(), in_flight=0)
+
+
+class Rendezvous:
+    """run_batch that returns only once ``parties`` batches are running at the same time
+    (threading.Barrier): with fewer batches in flight it times out and fails its jobs."""
+
+    def __init__(self, parties: int):
+        self.barrier = threading.Barrier(parties, timeout=2.0)
+        self.running = self.most = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, payloads):
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            self.barrier.wait()
+        finally:
+            with self.lock:
+                self.running -= 1
+        return [f"out:{p}" for p in payloads]
+
+
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_batches_in_flight_run_at_once(in_flight):
+    """Two full batches: with in_flight=2 the second starts while the first still runs; with
+    1 they run one after the other (the rendezvous of two never happens)."""
+    rv = Rendezvous(2)
+
+    async def main():
+        b = Batcher(rv, max_batch=2, max_delay_ms=50, in_flight=in_flight)
+        futs = [b.submit(f"j{i}", rows=1) for i in range(4)]
+        b.start()
+        out = await asyncio.gather(*futs, return_exceptions=True)
+        await b.close()
+        return out, b.stats
+
+    out, stats = run(main())
+    if in_flight == 2:
+        assert out == [f"out:j{i}" for i in range(4)] and rv.most == 2
+        assert stats["batches"] == 2 and stats["rows"] == 4
+    else:
+        assert rv.most == 1 and all(isinstance(o, Exception) for o in out)
+
+
+def test_close_fails_the_jobs_of_every_running_batch():
+    release = threading.Event()
+
+    def slow(payloads):
+        release.wait(5)
+        return [f"out:{p}" for p in payloads]
+
+    async def main():
+        b = Batcher(slow, max_batch=1, max_delay_ms=0, in_flight=2)
+        futs = [b.submit(f"j{i}", rows=1) for i in range(3)]
+        b.start()
+        await asyncio.sleep(0.1)  # j0 and j1 run, j2 waits for a slot
+        closing = asyncio.ensure_future(b.close())
+        await asyncio.sleep(0.05)
+        release.set()
+        await closing
+        return await asyncio.gather(*futs, return_exceptions=True)
+
+    out = run(main())
+    assert all(isinstance(o, RuntimeError) and "shutting down" in str(o) for o in out)
 
 
 def test_batches_group_similar_lengths_and_respect_the_token_cap():
