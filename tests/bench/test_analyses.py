@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from bench import rank_sweep, surgery_iterations, unlabeled_fraction, wild_data
+from bench import rank_sweep, surgery_ablation, surgery_iterations, unlabeled_fraction, wild_data
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +96,35 @@ def test_rank_sweep(tiny_config, tmp_path, cache):
     assert params[(4, "surgeryv2")] == 2 * params[(2, "surgeryv2")]
 
 
+def test_surgery_ablation(tiny_config, tmp_path, cache, capsys):
+    variants = "default,iterations=x2,rank=2,lr=x3,loss=cos,batch_size=4"
+    code = _run(
+        surgery_ablation, tiny_config, tmp_path, cache, "--variants", variants, "--iterations", "2"
+    )
+    assert code == 0
+    data = _result(tmp_path, "surgery_ablation_tiny")
+    assert [r["variant"] for r in data["rows"]] == [
+        "default",
+        "iterations=4",
+        "rank=2",
+        "lr=0.003",
+        "loss=cos",
+        "batch_size=4",
+    ]
+    base = data["defaults"]
+    assert base["iterations"] == 2 and data["rows"][0]["delta_points"] == 0.0
+    for r, changed in zip(data["rows"][1:], ["iterations", "rank", "lr", "loss", "batch_size"]):
+        _check_row(r)
+        # exactly one setting differs from the defaults
+        assert [k for k in base if r["settings"][k] != base[k]] == [changed]
+    assert data["rows"][2]["settings"]["rank"] == 2
+    merged, individual = (data["reference"][k]["avg"] for k in ("task_arithmetic", "individual"))
+    for r in data["rows"]:
+        if individual > merged:
+            assert r["gap_closure"] == pytest.approx((r["avg"] - merged) / (individual - merged))
+    assert "gap closure" in capsys.readouterr().out.strip().splitlines()[-1]
+
+
 def test_unlabeled_fraction(tiny_config, tmp_path, cache):
     code = _run(
         unlabeled_fraction,
@@ -147,6 +176,9 @@ def test_wild_data(tiny_config, tmp_path, cache):
         (unlabeled_fraction, ["--fractions", "0.5,1.5"], "--fractions must lie in (0, 1]"),
         (wild_data, ["--sources", "animals,planets"], "--sources: no task named 'planets'"),
         (wild_data, ["--wild", "{data}/nowhere.jsonl"], "nowhere.jsonl does not exist"),
+        (surgery_ablation, ["--variants", "default,depth=3"], "'depth=3' is not default"),
+        (surgery_ablation, ["--variants", "loss=huber"], "loss must be one of l1, mse, cos"),
+        (surgery_ablation, ["--variants", "rank=64"], "rank 64 does not fit the backbone width"),
     ],
 )
 def test_bad_input_is_one_line(module, extra, message, tiny_config, tmp_path, cache, capsys):

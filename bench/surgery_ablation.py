@@ -1,0 +1,165 @@
+"""What limits SurgeryV2's last points: one setting changed at a time from the config's.
+
+    python -m bench.surgery_ablation [--config text-bench] [--variants default,iterations=600,...]
+        [--iterations N] [--eval-limit 500]
+
+Every variant trains fresh SurgeryV2 adapters on the Task Arithmetic merge (the same merge,
+the same unlabeled inputs, the same seeded eval rows) with ONE surgery setting changed from
+the config's ``[surgery]``: ``iterations``, ``rank``, ``lr``, ``loss`` (l1, mse, cos) or
+``batch_size``, written ``key=value``; ``default`` is the config itself. Each row reports the
+average accuracy, the gap closure ``(avg - merged) / (individual - merged)``, its change from
+the default in points, and the seconds per iteration. A setting generalises when it helps on
+every suite it is run on, not on one: run the same variants on several configs and compare
+their rows (the results record the suite). Writes <out>/surgery_ablation_<config>.json and
+.png; the last printed line is a one-line summary.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from bench.analysis import Analysis, check_ranks, load_config, parser, pct, row, run_main
+from bench.common import print_table
+from trainer.errors import UserError
+from trainer.surgery.train import LOSSES
+
+NAME = "surgery_ablation"
+DEFAULT_VARIANTS = (
+    "default,iterations=x0.5,iterations=x2,rank=8,rank=32,lr=x0.3,lr=x3,loss=mse,loss=cos,"
+    "batch_size=x2"
+)
+KINDS = {"iterations": int, "rank": int, "lr": float, "loss": str, "batch_size": int}
+
+
+def main(argv=None) -> int:
+    p = parser(f"bench.{NAME}", __doc__)
+    p.add_argument(
+        "--variants",
+        default=DEFAULT_VARIANTS,
+        help="comma-separated: default, or key=value with key in "
+        f"{', '.join(KINDS)}; a number may be xF (F times the config's value)",
+    )
+    return run_main(p, run, argv)
+
+
+def parse_variants(text: str, defaults: dict) -> list[tuple[str, dict]]:
+    """``"default,rank=8,lr=x3"`` -> [(label, {setting: value})]; a bad item is a UserError."""
+    out = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        if item == "default":
+            out.append(("default", {}))
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in KINDS:
+            raise UserError(
+                f"--variants: '{item}' is not default or key=value with key in {', '.join(KINDS)}"
+            )
+        kind = KINDS[key]
+        try:
+            if kind is str:
+                parsed = value.strip()
+                if parsed not in LOSSES:
+                    raise ValueError
+            elif value.strip().startswith("x"):
+                parsed = kind(float(value.strip()[1:]) * defaults[key])
+            else:
+                parsed = kind(value)
+        except ValueError:
+            want = f"one of {', '.join(LOSSES)}" if kind is str else "a number or xF"
+            raise UserError(f"--variants: '{item}': {key} must be {want}") from None
+        if kind is not str and parsed <= 0:
+            raise UserError(f"--variants: '{item}': {key} must be > 0")
+        out.append((f"{key}={parsed:g}" if kind is not str else f"{key}={parsed}", {key: parsed}))
+    if not out:
+        raise UserError("--variants is empty; give e.g. default,rank=8")
+    labels = [label for label, _ in out]
+    if len(set(labels)) != len(labels):
+        raise UserError(f"--variants repeats a setting: {', '.join(labels)}")
+    return out
+
+
+def run(args) -> dict:
+    config = load_config(args)
+    sc = config.surgery
+    defaults = {
+        "iterations": args.iterations or sc.iterations,
+        "rank": sc.rank,
+        "lr": sc.lr,
+        "loss": sc.loss,
+        "batch_size": sc.batch_size,
+    }
+    variants = parse_variants(args.variants, defaults)
+    check_ranks(config, [v["rank"] for _, v in variants if "rank" in v] or [sc.rank], "--variants")
+
+    a = Analysis(f"{NAME}_{config.name}", args, config)
+    merged, individual = a.merged["avg"], a.individual["avg"]
+    gap = individual - merged
+    rows = []
+    for label, change in variants:
+        settings = {**defaults, **change}
+        rank = settings.pop("rank")
+        model, result = a.surgery("surgeryv2", rank, **settings)
+        scored = a.score(model, f"SurgeryV2 {label}")
+        rows.append(
+            row(
+                scored["acc"],
+                variant=label,
+                settings={**settings, "rank": rank},
+                gap_closure=(scored["avg"] - merged) / gap if gap > 0 else None,
+                seconds_per_iteration=round(result.seconds_per_iteration, 4),
+                loss_last=result.losses[-1] if result.losses else None,
+            )
+        )
+    base = next((r for r in rows if r["variant"] == "default"), None)
+    for r in rows:
+        r["delta_points"] = None if base is None else round(100 * (r["avg"] - base["avg"]), 2)
+    best = max(rows, key=lambda r: r["avg"])
+    closure = ", ".join(
+        f"{r['variant']} {100 * r['gap_closure']:.1f}%"
+        for r in rows
+        if r["gap_closure"] is not None
+    )
+    summary = (
+        f"{config.name}: SurgeryV2 gap closure {closure}; best {best['variant']} "
+        f"{pct(best['avg'])}"
+        + (f" ({best['delta_points']:+.1f} vs default)" if base is not None else "")
+        + f"; {a.reference_text()}"
+    )
+    data = a.result(defaults=defaults, rows=rows, summary=summary)
+
+    def draw(ax):
+        labels = [r["variant"] for r in rows]
+        ax.barh(labels, [100 * r["avg"] for r in rows], color="tab:blue")
+        ax.invert_yaxis()
+        low = min(100 * merged, *(100 * r["avg"] for r in rows)) - 2
+        ax.set_xlim(low, 100 * max(individual, best["avg"]) + 1)
+        ax.axvline(100 * merged, color="grey", ls="--", label="task_arithmetic (no surgery)")
+        ax.axvline(100 * individual, color="black", ls=":", label="individual experts")
+        ax.set_xlabel("average accuracy (%)")
+        ax.set_title(a.title("SurgeryV2, one setting changed"))
+        ax.legend(loc="lower right")
+
+    a.write(data, draw)
+    print_table(
+        ["variant", "s/it", *a.names, "avg", "gap closed", "vs default"],
+        [
+            [
+                r["variant"],
+                r["seconds_per_iteration"],
+                *(pct(r["acc"][t]) for t in a.names),
+                pct(r["avg"]),
+                "" if r["gap_closure"] is None else f"{100 * r['gap_closure']:.1f}%",
+                "" if r["delta_points"] is None else f"{r['delta_points']:+.1f}",
+            ]
+            for r in rows
+        ],
+        summary,
+    )
+    return data
+
+
+if __name__ == "__main__":
+    sys.exit(main())
