@@ -257,12 +257,6 @@ class Batcher:
                 if not batch:
                     slots.release()
                     continue
-                if self.in_flight == 1:  # no task: the batch runs here, as before
-                    try:
-                        await self._execute(batch)
-                    finally:
-                        slots.release()
-                    continue
                 task = asyncio.get_running_loop().create_task(self._execute(batch))
                 running.add(task)
                 task.add_done_callback(finished)
