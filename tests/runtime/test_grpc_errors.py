@@ -101,13 +101,21 @@ def slow_model(delay: float, calls: list):
     return hook
 
 
+def wait_until(condition, timeout: float = 10.0) -> None:
+    """Poll instead of sleeping a fixed time: CI machines can be slow to start a batch."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out waiting for the server state"
+        time.sleep(0.005)
+
+
 def test_expired_deadline_is_dropped_before_inference(text_model_dir):
     calls = []
     hook = slow_model(0.3, calls)
     with ServerThread(text_model_dir, "--max-batch", "1", model_hook=hook) as server:
         stub = server.stub()
         blocker = stub.Predict.future(text_request("news", "the game", top_k=1), timeout=10)
-        time.sleep(0.05)  # the engine is now busy with `blocker` for ~300 ms
+        wait_until(lambda: calls)  # the engine is now busy with `blocker` for ~300 ms
         err = rpc_error(stub, text_request("news", "the market", top_k=3), timeout=0.1)
         assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert len(blocker.result().predictions) == 1
@@ -193,7 +201,7 @@ def test_draining_reports_not_serving_and_finishes_in_flight(text_model_dir):
     with ServerThread(text_model_dir, model_hook=slow_model(0.5, calls)) as server:
         stub = server.stub()
         in_flight = stub.Predict.future(text_request("*", "the game"), timeout=10)
-        time.sleep(0.1)
+        wait_until(lambda: calls)  # the batch is running
         stopping = asyncio.run_coroutine_threadsafe(server.rt.stop(10), server.loop)
         time.sleep(0.1)
         health = health_pb2_grpc.HealthStub(server.channel())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -15,16 +16,30 @@ from runtime_testkit import REPO, ServerThread, text_request
 
 
 def slow(delay: float):
+    """Model hook: every batch takes `delay` longer; `hook.running` is set once one has begun."""
+    running = threading.Event()
+
     def hook(model):
         inner = model.run_batch
 
         def run_batch(works):
+            running.set()
             time.sleep(delay)
             return inner(works)
 
         model.run_batch = run_batch
 
+    hook.running = running
     return hook
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    """Poll the server's state instead of sleeping a fixed time (CI machines are slow)."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError("timed out waiting for the server state")
+        time.sleep(0.005)
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -41,12 +56,14 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
 
 
 def test_max_queue_refuses_fast_and_server_stays_healthy(text_model_dir):
+    hook = slow(0.4)
     with ServerThread(
-        text_model_dir, "--max-batch", "1", "--max-queue", "2", model_hook=slow(0.4)
+        text_model_dir, "--max-batch", "1", "--max-queue", "2", model_hook=hook
     ) as server:
         stub = server.stub()
         blocker = stub.Predict.future(text_request("news", "the game"), timeout=10)
-        time.sleep(0.1)  # the engine is busy with `blocker`; nothing waits
+        assert hook.running.wait(10)  # the engine is busy with `blocker`; nothing waits
+        wait_for(lambda: server.rt.batcher.waiting == 0)
         futures = [
             stub.Predict.future(text_request("*", f"game {i}"), timeout=10) for i in range(6)
         ]
@@ -69,12 +86,17 @@ def test_max_queue_refuses_fast_and_server_stays_healthy(text_model_dir):
 
 
 def test_refusal_is_immediate(text_model_dir):
+    hook = slow(0.5)
     with ServerThread(
-        text_model_dir, "--max-batch", "1", "--max-queue", "1", model_hook=slow(0.5)
+        text_model_dir, "--max-batch", "1", "--max-queue", "1", model_hook=hook
     ) as server:
         stub = server.stub()
-        busy = [stub.Predict.future(text_request("news", "a"), timeout=10) for _ in range(2)]
-        time.sleep(0.1)  # one runs, one waits: the queue is full
+        batcher = server.rt.batcher
+        busy = [stub.Predict.future(text_request("news", "a"), timeout=10)]
+        assert hook.running.wait(10)  # one runs...
+        wait_for(lambda: batcher.waiting == 0)
+        busy.append(stub.Predict.future(text_request("news", "a"), timeout=10))
+        wait_for(lambda: len(batcher._queue) == 1)  # ...one waits: the queue is full
         t0 = time.monotonic()
         try:
             stub.Predict(text_request("news", "b"), timeout=10)
