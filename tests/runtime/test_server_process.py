@@ -23,7 +23,7 @@ FORBIDDEN = ("torch", "open_clip", "transformers", "trainer", "torchvision")
 # Run the server with the forbidden modules blocked; run_batch is slowed so that the SIGTERM
 # test can catch requests in flight.
 LAUNCHER = f"""
-import sys, time
+import os, sys, time
 for name in {FORBIDDEN!r}:
     sys.modules[name] = None
 from runtime import server, service
@@ -33,6 +33,15 @@ def run_batch(self, works):
     time.sleep(delay)
     return inner(self, works)
 service.InferenceModel.run_batch = run_batch
+arrivals = os.environ.get("DEEPSURGERY_TEST_ARRIVALS")
+if arrivals:  # one line per request queued, so a test knows when all of its requests arrived
+    from runtime import batcher
+    inner_submit = batcher.Batcher.submit
+    def submit(self, *args, **kwargs):
+        with open(arrivals, "a") as f:
+            f.write("queued\\n")
+        return inner_submit(self, *args, **kwargs)
+    batcher.Batcher.submit = submit
 import runtime.client  # the client must import without torch too
 code = server.main(sys.argv[2:])
 leaked = [m for m in sys.modules if m.split(".")[0] in {FORBIDDEN!r} and sys.modules[m] is not None]
@@ -41,7 +50,7 @@ sys.exit(code)
 """
 
 
-def launch(model_dir: Path, tmp_path: Path, *flags: str, delay: float = 0.0):
+def launch(model_dir: Path, tmp_path: Path, *flags: str, delay: float = 0.0, env=None):
     port_file = tmp_path / "port"
     proc = subprocess.Popen(
         [
@@ -61,6 +70,7 @@ def launch(model_dir: Path, tmp_path: Path, *flags: str, delay: float = 0.0):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=None if env is None else {**os.environ, **env},
     )
     deadline = time.monotonic() + 30
     while not port_file.exists() or not port_file.read_text().strip():
@@ -72,7 +82,15 @@ def launch(model_dir: Path, tmp_path: Path, *flags: str, delay: float = 0.0):
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(text_model_dir, tmp_path):
-    proc, addr = launch(text_model_dir, tmp_path, "--max-batch", "2", delay=0.25)
+    arrivals = tmp_path / "arrivals"
+    proc, addr = launch(
+        text_model_dir,
+        tmp_path,
+        "--max-batch",
+        "2",
+        delay=0.25,
+        env={"DEEPSURGERY_TEST_ARRIVALS": str(arrivals)},
+    )
     try:
         channel = grpc.insecure_channel(addr)
         stub = pb_grpc.InferenceStub(channel)
@@ -81,7 +99,10 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(text_model_dir, tmp_path
         futures = [
             stub.Predict.future(text_request("*", f"game {i}"), timeout=20) for i in range(6)
         ]
-        time.sleep(0.1)  # all six in flight: three batches of 2 requests x 0.25 s
+        deadline = time.monotonic() + 20  # all six queued (three batches of 2 x 0.25 s)
+        while not arrivals.exists() or len(arrivals.read_text().splitlines()) < 6:
+            assert time.monotonic() < deadline, "the six requests never reached the server"
+            time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
         results = [f.result() for f in futures]
         assert all(len(r.predictions) == 2 for r in results)
