@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -35,6 +36,14 @@ WORDS = "the a stocks rallied team won game market fell great terrible food movi
 MEAN = [0.48145466, 0.4578275, 0.40821073]
 STD = [0.26862954, 0.26130258, 0.27577711]
 PAD = -1e4
+
+
+def wait_until(condition, timeout: float = 10.0, what: str = "the server state") -> None:
+    """Poll instead of sleeping a fixed time: CI machines can be slow to start a batch."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.005)
 
 
 def data_root() -> Path:

@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from runtime_testkit import ServerThread, png_bytes, text_request
+from runtime_testkit import ServerThread, png_bytes, text_request, wait_until
 
 from protos.deepsurgery.v1 import inference_pb2 as pb
 
@@ -99,14 +99,6 @@ def slow_model(delay: float, calls: list):
         model.run_batch = run_batch
 
     return hook
-
-
-def wait_until(condition, timeout: float = 10.0) -> None:
-    """Poll instead of sleeping a fixed time: CI machines can be slow to start a batch."""
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, "timed out waiting for the server state"
-        time.sleep(0.005)
 
 
 def test_expired_deadline_is_dropped_before_inference(text_model_dir):

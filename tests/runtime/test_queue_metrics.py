@@ -12,7 +12,7 @@ import urllib.request
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from runtime_testkit import REPO, ServerThread, text_request
+from runtime_testkit import REPO, ServerThread, text_request, wait_until
 
 
 def slow(delay: float):
@@ -31,15 +31,6 @@ def slow(delay: float):
 
     hook.running = running
     return hook
-
-
-def wait_for(condition, timeout: float = 10.0) -> None:
-    """Poll the server's state instead of sleeping a fixed time (CI machines are slow)."""
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError("timed out waiting for the server state")
-        time.sleep(0.005)
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -63,7 +54,7 @@ def test_max_queue_refuses_fast_and_server_stays_healthy(text_model_dir):
         stub = server.stub()
         blocker = stub.Predict.future(text_request("news", "the game"), timeout=10)
         assert hook.running.wait(10)  # the engine is busy with `blocker`; nothing waits
-        wait_for(lambda: server.rt.batcher.waiting == 0)
+        wait_until(lambda: server.rt.batcher.waiting == 0)
         futures = [
             stub.Predict.future(text_request("*", f"game {i}"), timeout=10) for i in range(6)
         ]
@@ -94,9 +85,9 @@ def test_refusal_is_immediate(text_model_dir):
         batcher = server.rt.batcher
         busy = [stub.Predict.future(text_request("news", "a"), timeout=10)]
         assert hook.running.wait(10)  # one runs...
-        wait_for(lambda: batcher.waiting == 0)
+        wait_until(lambda: batcher.waiting == 0)
         busy.append(stub.Predict.future(text_request("news", "a"), timeout=10))
-        wait_for(lambda: len(batcher._queue) == 1)  # ...one waits: the queue is full
+        wait_until(lambda: batcher.waiting == 1)  # ...one waits: the queue is full
         t0 = time.monotonic()
         try:
             stub.Predict(text_request("news", "b"), timeout=10)

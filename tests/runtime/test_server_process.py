@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from runtime_testkit import REPO, text_request
+from runtime_testkit import REPO, text_request, wait_until
 
 from protos.deepsurgery.v1 import inference_pb2_grpc as pb_grpc
 
@@ -99,10 +99,11 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(text_model_dir, tmp_path
         futures = [
             stub.Predict.future(text_request("*", f"game {i}"), timeout=20) for i in range(6)
         ]
-        deadline = time.monotonic() + 20  # all six queued (three batches of 2 x 0.25 s)
-        while not arrivals.exists() or len(arrivals.read_text().splitlines()) < 6:
-            assert time.monotonic() < deadline, "the six requests never reached the server"
-            time.sleep(0.01)
+        wait_until(  # all six queued (three batches of 2 x 0.25 s)
+            lambda: arrivals.exists() and len(arrivals.read_text().splitlines()) == 6,
+            timeout=20,
+            what="the six requests to reach the server",
+        )
         proc.send_signal(signal.SIGTERM)
         results = [f.result() for f in futures]
         assert all(len(r.predictions) == 2 for r in results)
