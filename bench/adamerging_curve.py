@@ -4,12 +4,14 @@ AdaMerging's iterations, for the paper's objective and the shipped one.
     python -m bench.adamerging_curve [--config demo] [--iterations 60] [--every 5]
         [--lr 1e-3] [--eval-limit 300]
 
-Both start at task arithmetic with λ = 0.3 and take the same Adam steps on the same batches:
+Both start from a task arithmetic merge and draw the same batches:
 
-- paper: the mean entropy of the heads' raw logits, nothing else; the guard watches (its
-  margin set to 1) but never stops it
-- shipped: the config's ``[merge.adamerging]`` with the method's defaults (class prior,
-  logits normalised by their spread, the guard)
+- paper: from λ = 0.3, the mean entropy of the heads' raw logits, nothing else; the guard
+  watches (its margin set to 1) but never stops it
+- shipped: the config's ``[merge.adamerging]`` with the method's defaults (the start its
+  label-free search picks, class prior, logits normalised by their spread, the guard);
+  ``--set merge.adamerging.init=0.6 --set merge.adamerging.init_search=false`` starts it at
+  a given λ instead
 
 At iteration 0 and every ``--every`` iterations, on the same seeded test rows per task: the
 accuracy (labels are read here: this is a diagnosis, not a method), the mean entropy of the
