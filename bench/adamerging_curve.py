@@ -2,7 +2,7 @@
 AdaMerging's iterations, for the paper's objective and the shipped one.
 
     python -m bench.adamerging_curve [--config demo] [--iterations 60] [--every 5]
-        [--lr 1e-3] [--eval-limit 300]
+        [--lr 1e-3] [--eval-limit 300] [--recipes paper,shipped]
 
 Both start from a task arithmetic merge and draw the same batches:
 
@@ -50,6 +50,11 @@ def main(argv=None) -> int:
     p.set_defaults(config="demo", eval_limit=300)
     p.add_argument("--every", type=int, default=5, help="score every N iterations")
     p.add_argument("--lr", type=float, default=None, help="Adam lr (default: the config's)")
+    p.add_argument(
+        "--recipes",
+        default="paper,shipped",
+        help="which curves to draw, comma-separated (e.g. only 'shipped' when comparing starts)",
+    )
     return run_main(p, run, argv)
 
 
@@ -65,7 +70,15 @@ def run(args) -> dict:
         shipped["iterations"] = args.iterations
     if args.lr is not None:
         shipped["lr"] = args.lr
-    recipes = {"paper": {**shipped, **PAPER}, "shipped": shipped}
+    known = {"paper": {**shipped, **PAPER}, "shipped": shipped}
+    chosen = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    unknown = [r for r in chosen if r not in known]
+    if unknown or not chosen:
+        raise UserError(
+            f"--recipes: {', '.join(map(repr, unknown)) or 'none given'}; "
+            f"choose from {', '.join(known)}"
+        )
+    recipes = {r: known[r] for r in dict.fromkeys(chosen)}
 
     a = Analysis(NAME, args, config)
     exp = a.experiment
@@ -159,13 +172,18 @@ def run(args) -> dict:
 def plot_curves(ax, data: dict, name: str) -> None:
     """Accuracy against the head's entropy, one colour per task: the paper's objective solid,
     the shipped one dashed; a circle at each start, a cross / square at each end."""
-    styles = {"paper": ("-", "x", "solid"), "shipped": ("--", "s", "dashed")}
+    styles = {
+        r: look
+        for r, look in {"paper": ("-", "x", "solid"), "shipped": ("--", "s", "dashed")}.items()
+        if r in data["curves"]
+    }
+    first = next(iter(styles))
     for t, task in enumerate(data["tasks"]):
         for recipe, (line, end, _) in styles.items():
             points = data["curves"][recipe]
             xs = [p["entropy"][task] for p in points]
             ys = [100 * p["acc"][task] for p in points]
-            label = task if recipe == "paper" else None
+            label = task if recipe == first else None
             ax.plot(xs, ys, line, color=f"C{t}", marker=".", label=label)
             ax.plot(
                 xs[:1],
@@ -176,14 +194,14 @@ def plot_curves(ax, data: dict, name: str) -> None:
                 mfc="none" if recipe == "shipped" else None,
             )
             ax.plot(xs[-1:], ys[-1:], end, color=f"C{t}", ms=7)
-    starts = {r: data["guard"][r]["init"] for r in styles}
-    steps = {r: data["curves"][r][-1]["iteration"] for r in styles}
     for recipe, (line, end, look) in styles.items():
-        label = f"{recipe} ({look}): from λ = {starts[recipe]:g}, {steps[recipe]} steps"
+        start = data["guard"][recipe]["init"]
+        steps = data["curves"][recipe][-1]["iteration"]
+        label = f"{recipe} ({look}): from λ = {start:g}, {steps} steps"
         ax.plot([], [], line, color="black", marker=end, label=label)
     ax.set_xlabel("mean entropy of the task's head (raw logits)")
     ax.set_ylabel("test accuracy (%)")
-    lr = data["hparams"]["shipped"]["lr"]
+    lr = data["hparams"][first]["lr"]
     ax.set_title(
         f"{name}: AdaMerging, accuracy vs entropy per task (Adam lr {lr:g}; circles: start)",
         fontsize=9,

@@ -1,11 +1,18 @@
-"""The paper's analyses (bench.surgery_iterations, rank_sweep, unlabeled_fraction, wild_data)
-end to end on the tiny model: their JSON, plot and one-line errors."""
+"""The paper's analyses (bench.surgery_iterations, rank_sweep, unlabeled_fraction, wild_data,
+adamerging_curve) end to end on the tiny model: their JSON, plot and one-line errors."""
 
 import json
 
 import pytest
 
-from bench import rank_sweep, surgery_ablation, surgery_iterations, unlabeled_fraction, wild_data
+from bench import (
+    adamerging_curve,
+    rank_sweep,
+    surgery_ablation,
+    surgery_iterations,
+    unlabeled_fraction,
+    wild_data,
+)
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +175,39 @@ def test_wild_data(tiny_config, tmp_path, cache):
         _check_row(r)
 
 
+def _check_curve(points, every, last):
+    its = [p["iteration"] for p in points]
+    assert its[0] == 0 and its == sorted(its) and its[-1] <= last
+    assert all(i % every == 0 for i in its)
+    for p in points:
+        _check_row(p)
+        assert all(h >= 0.0 for h in p["entropy"].values())
+        assert all(0.0 < m <= 1.0 for m in p["majority"].values())
+
+
+def test_adamerging_curve(tiny_config, tmp_path, cache, capsys):
+    code = _run(adamerging_curve, tiny_config, tmp_path, cache, "--iterations", "4", "--every", "2")
+    assert code == 0
+    data = _result(tmp_path, "adamerging_curve")
+    assert set(data["curves"]) == {"paper", "shipped"}
+    # the paper's recipe: from 0.3, every step taken (its guard watches but never stops it)
+    assert data["guard"]["paper"]["init"] == 0.3 and data["guard"]["paper"]["stopped"] is None
+    assert [p["iteration"] for p in data["curves"]["paper"]] == [0, 2, 4]
+    for points in data["curves"].values():
+        _check_curve(points, every=2, last=4)
+    assert data["hparams"]["shipped"]["init_search"] is True
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("tiny: paper ")
+
+
+def test_adamerging_curve_one_recipe_from_a_given_start(tiny_config, tmp_path, cache):
+    extra = ["--recipes", "shipped", "--iterations", "2", "--every", "1"]
+    extra += ["--set", "merge.adamerging.init=0.6", "--set", "merge.adamerging.init_search=false"]
+    assert _run(adamerging_curve, tiny_config, tmp_path, cache, *extra) == 0
+    data = _result(tmp_path, "adamerging_curve")
+    assert list(data["curves"]) == ["shipped"] and data["guard"]["shipped"]["init"] == 0.6
+    _check_curve(data["curves"]["shipped"], every=1, last=2)
+
+
 @pytest.mark.parametrize(
     "module, extra, message",
     [
@@ -179,6 +219,8 @@ def test_wild_data(tiny_config, tmp_path, cache):
         (surgery_ablation, ["--variants", "default,depth=3"], "'depth=3' is not default"),
         (surgery_ablation, ["--variants", "loss=huber"], "loss must be one of l1, mse, cos"),
         (surgery_ablation, ["--variants", "rank=64"], "rank 64 does not fit the backbone width"),
+        (adamerging_curve, ["--recipes", "paper,magic"], "--recipes: 'magic'; choose from"),
+        (adamerging_curve, ["--every", "0"], "--every must be >= 1"),
     ],
 )
 def test_bad_input_is_one_line(module, extra, message, tiny_config, tmp_path, cache, capsys):
