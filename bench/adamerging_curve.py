@@ -28,7 +28,7 @@ import sys
 import numpy as np
 import torch
 
-from bench.analysis import Analysis, load_config, parser, pct, run_main
+from bench.analysis import Analysis, load_config, parse_list, parser, pct, run_main
 from bench.common import print_table
 from trainer.errors import UserError
 from trainer.merging import MergeContext, get_method
@@ -71,7 +71,7 @@ def run(args) -> dict:
     if args.lr is not None:
         shipped["lr"] = args.lr
     known = {"paper": {**shipped, **PAPER}, "shipped": shipped}
-    chosen = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    chosen = parse_list(args.recipes, str, "--recipes")
     unknown = [r for r in chosen if r not in known]
     if unknown or not chosen:
         raise UserError(
