@@ -4,6 +4,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# An outside Open Inference Protocol client in its own environment, as a Triton/KServe shop has
+# it: tritonclient pins protobuf < 7, this project >= 7.35, so they cannot share one venv.
+CLIENT_VENV := .venv-client
+CLIENT_STAMP := $(CLIENT_VENV)/.installed
 
 .PHONY: run test setup lint clean
 
@@ -13,7 +17,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[all]"
 	touch $(STAMP)
 
-setup: $(STAMP)
+$(CLIENT_STAMP):
+	test -x $(CLIENT_VENV)/bin/python || $(PY) -m venv $(CLIENT_VENV)
+	$(CLIENT_VENV)/bin/python -m pip install --quiet "tritonclient[grpc]>=2.40" numpy
+	touch $(CLIENT_STAMP)
+
+setup: $(STAMP) $(CLIENT_STAMP)
 
 DEMO_TEXT ?= the eagle rested happily on the ridge at dawn.
 
@@ -22,11 +31,11 @@ run: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m export.onnx --tasks all --bundle runs/demo/bundle --out runs/demo/onnx --force
 	$(BIN)/python -m runtime.demo --model runs/demo/onnx --text "$(DEMO_TEXT)"
 
-test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+test: $(STAMP) $(CLIENT_STAMP)
+	HF_HUB_OFFLINE=1 DEEPSURGERY_CLIENT_PYTHON=$(CLIENT_VENV)/bin/python $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(CLIENT_VENV) runs
