@@ -166,12 +166,11 @@ class Analysis:
 
     def _individual(self) -> dict:
         """The experts' accuracy on the eval subset, from their cached representations."""
-        return row(self.experiment.individual_accuracy(self.eval_rows))
+        return row(self.experiment.individual_accuracy(self.eval_rows).acc)
 
     def score(self, model, label: str) -> dict:
         """``{"acc": {task: accuracy}, "avg": mean}`` on the eval subset."""
-        acc, _ = self.experiment.evaluate(model, label, self.eval_rows)
-        return row(acc)
+        return row(self.experiment.evaluate(model, label, self.eval_rows).acc)
 
     def surgery(self, mode: str, rank: int | None = None, **kwargs):
         """A fresh model on the merged backbone with ``mode`` adapters, trained; -> (model,

@@ -81,10 +81,11 @@ def run(args: argparse.Namespace) -> dict:
 def fit(config: Config, *, data_root: Path, cache: Path, out: Path, device: str = "auto") -> dict:
     # ---- 1-3. inputs, experts and their representations (trainer.pipeline) ----------------
     exp = prepare(config, data_root=data_root, cache=cache, device=resolve_device(device))
-    rows = [results_row("individual", "none", exp.individual)]
+    individual = exp.individual_accuracy()
+    rows = [results_row("individual", "none", individual.acc)]
     if config.multitask.enabled:
-        acc, _ = exp.evaluate(exp.multitask_model(), "multitask")
-        rows.append(results_row("multitask", "none", acc))
+        multitask = exp.evaluate(exp.multitask_model(), "multitask")
+        rows.append(results_row("multitask", "none", multitask.acc))
         exp.lap("multitask")
 
     # ---- 4. every merge method × surgery mode -------------------------------------------------
@@ -116,8 +117,9 @@ def fit(config: Config, *, data_root: Path, cache: Path, out: Path, device: str 
                     "loss_last": result.losses[-1] if result.losses else None,
                 }
                 exp.lap("surgery")
-            acc, bias[f"{method}/{mode}"] = exp.evaluate(model, f"{method}/{mode}")
-            rows.append(results_row(method, mode, acc))
+            evaluation = exp.evaluate(model, f"{method}/{mode}")
+            bias[f"{method}/{mode}"] = evaluation.bias
+            rows.append(results_row(method, mode, evaluation.acc))
             exp.lap("eval")
             if _chosen(config.output.bundle, rows[-1], best, bias):
                 best = (rows[-1], model, hparams)

@@ -24,7 +24,7 @@ import torch
 from .backbones import Backbone, build_backbone
 from .config import Config
 from .data.suite import load_tasks
-from .data.tasks import TaskData
+from .data.tasks import Split, TaskData
 from .data.unlabeled import unlabeled_inputs
 from .data.validation import ValidationSet, hold_out_validation, validation_set
 from .errors import UserError
@@ -35,7 +35,13 @@ from .experts.multitask import train_multitask
 from .experts.pretrain import pretrain_base
 from .merging import MergeContext, Searched, get_method, merge
 from .merging.search import SearchResult, search
-from .results.evaluate import ValidationScorer, accuracy_from_features, evaluate_task
+from .results.evaluate import (
+    Evaluation,
+    ValidationScorer,
+    accuracy_from_features,
+    evaluate_task,
+    predictions_from_features,
+)
 from .results.report import search_line
 from .surgery.features import Targets, final_features, representations
 from .surgery.model import Heads, MultiTaskModel
@@ -77,6 +83,7 @@ class Experiment:
     _frozen: dict = field(default_factory=dict)  # Surgery's merged features per state + pool
     _scorer: ValidationScorer | None = None
     _validation: ValidationSet | None = None
+    _validation_targets: list[Targets] | None = None  # the experts' on the validation inputs
     _clock: float = field(default_factory=time.perf_counter)
 
     @property
@@ -245,41 +252,64 @@ class Experiment:
             **kwargs,
         )
 
+    def split_rows(
+        self, split: str, rows: list | None = None
+    ) -> list[tuple[Split, Targets | None]]:
+        """Per task, the scored rows of ``split`` ("test" or "validation") and the experts'
+        representations of them; ``rows[t]`` limits task t to those rows."""
+        if split == "test":
+            pairs = [(t.test, targets) for t, targets in zip(self.tasks, self.test_targets)]
+        elif split == "validation":
+            val = self.validation
+            if self._validation_targets is None:
+                self._validation_targets = self.expert_targets(val.inputs, "validation")
+            pairs = [
+                (Split(inputs, labels), targets)
+                for inputs, labels, targets in zip(val.inputs, val.labels, self._validation_targets)
+            ]
+        else:
+            raise ValueError(f"split must be 'test' or 'validation', got {split!r}")
+        if rows is not None:
+            pairs = [
+                (part.take(r), None if tg is None else tg.take(torch.as_tensor(r)))
+                for (part, tg), r in zip(pairs, rows)
+            ]
+        return pairs
+
     def evaluate(
-        self, model: MultiTaskModel, label: str, rows: list | None = None
-    ) -> tuple[dict[str, float | None], list[float]]:
-        """Per-task accuracy (None without test labels) and the mean bias per block;
-        ``rows[t]`` limits task t's test rows."""
-        acc, per_task_bias = {}, []
-        for i, task in enumerate(self.tasks):
-            split, targets = task.test, self.test_targets[i]
-            if rows is not None:
-                split, targets = split.take(rows[i]), targets.take(torch.as_tensor(rows[i]))
-            acc[task.name], bias = evaluate_task(
+        self, model: MultiTaskModel, label: str, rows: list | None = None, split: str = "test"
+    ) -> Evaluation:
+        """``model`` scored on ``split`` ("test", or "validation": where choices are made):
+        per task its predictions, accuracy (None without labels) and per-row correctness, and
+        the mean bias per block; ``rows[t]`` limits task t's rows."""
+        predictions, labels, per_task_bias = {}, {}, []
+        for i, (part, targets) in enumerate(self.split_rows(split, rows)):
+            name = self.names[i]
+            predictions[name], bias = evaluate_task(
                 model,
                 i,
-                split,
+                part,
                 self.config.eval.batch_size,
                 self.device,
                 targets,
-                f"{label} {task.name}",
+                f"{label} {name}" if split == "test" else f"{label} {name} ({split})",
             )
-            per_task_bias.append(bias)
-        return acc, [sum(v) / len(v) for v in zip(*per_task_bias)]
+            labels[name] = part.labels
+            if bias is not None:
+                per_task_bias.append(bias)
+        mean_bias = [sum(v) / len(v) for v in zip(*per_task_bias)]
+        return Evaluation.from_predictions(predictions, labels, mean_bias)
 
-    def individual_accuracy(self, rows: list | None = None) -> dict[str, float | None]:
-        """Each expert's accuracy (its cached test representations + its head); None for a
-        task without test labels."""
-        acc = {}
-        for i, task in enumerate(self.tasks):
-            final, labels = self.test_targets[i].final, task.test.labels
-            if labels is None:
-                acc[task.name] = None
-                continue
-            if rows is not None:
-                final, labels = final[torch.as_tensor(rows[i])], labels[rows[i]]
-            acc[task.name] = accuracy_from_features(self.heads, i, final, labels, self.device)
-        return acc
+    def individual_accuracy(self, rows: list | None = None, split: str = "test") -> Evaluation:
+        """Each expert on ``split`` (its cached representations + its head): the individual
+        row; accuracy None for a task without labels there. Its bias is zero by definition
+        and not reported ([])."""
+        predictions, labels = {}, {}
+        for i, (part, targets) in enumerate(self.split_rows(split, rows)):
+            name = self.names[i]
+            predictions[name] = predictions_from_features(self.heads, i, targets.final, self.device)
+            labels[name] = part.labels
+        return Evaluation.from_predictions(predictions, labels)
 
     def expert_targets(
         self, pools: list[list], desc: str, skip: dict[int, Targets] | None = None

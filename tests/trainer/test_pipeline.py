@@ -99,3 +99,32 @@ def test_branch_block_beyond_the_backbone_is_refused(tiny_config, text_tasks, tm
     ta, _ = exp.merged("task_arithmetic")
     model = exp.model(ta, "surgeryv2")
     assert model.branch_block == 1 and model.block_adapters.down.shape[0] == 1
+
+
+def test_evaluation_on_test_and_validation_rows(tiny_config, text_tasks, tmp_path):
+    """One Evaluation per (model, split): per-row correctness behind every accuracy, the
+    validation split scored like the searches score it, and row subsets taken row for row."""
+    exp = _prepare(tiny_config, text_tasks, tmp_path / "cache")
+    ta, _ = exp.merged("task_arithmetic")
+    model = exp.model(ta)
+    test = exp.evaluate(model, "ta")
+    for name, task in zip(exp.names, exp.tasks):
+        assert test.correct[name].dtype == bool and len(test.correct[name]) == len(task.test)
+        assert test.acc[name] == pytest.approx(test.correct[name].mean())
+    assert len(test.bias) == 3  # 2 blocks + final
+    val = exp.evaluate(model, "ta", split="validation")
+    assert [len(val.correct[n]) for n in exp.names] == exp.validation.rows()
+    _, per_task = exp.scorer()(ta)  # what λ and k are chosen by
+    assert [val.acc[n] for n in exp.names] == pytest.approx(per_task)
+    experts = exp.individual_accuracy(split="validation")
+    for t, name in enumerate(exp.names):
+        expected = exp.scorer().predictions(exp.experts[t].state, [t])[0].numpy()
+        assert np.array_equal(experts.predictions[name], expected)
+    assert experts.bias == [] and val.agreement(experts)["animals"] <= 1.0
+    rows = [np.arange(3), np.arange(5)]
+    part = exp.evaluate(model, "ta", rows=rows)
+    for name, r in zip(exp.names, rows):
+        assert np.array_equal(part.correct[name], test.correct[name][r])
+    assert exp.individual_accuracy(rows).acc["animals"] == pytest.approx(
+        exp.individual_accuracy().correct["animals"][:3].mean()
+    )

@@ -1,9 +1,12 @@
 """Evaluation: per-task top-1 accuracy and the representation bias (Def. IV.1 of the paper),
-both from ONE pass over the test split; and the validation score merge hyper-parameters are
-chosen by."""
+both from ONE pass over a split (test or validation); and the validation score merge
+hyper-parameters are chosen by."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+import numpy as np
 import torch
 
 from ..backbones import Backbone
@@ -12,6 +15,52 @@ from ..data.tasks import Split
 from ..progress import progress
 from ..surgery.features import Targets
 from ..surgery.model import Heads, MultiTaskModel
+
+
+@dataclass
+class Evaluation:
+    """One model scored on one split, task by task.
+
+    ``correct`` keeps every scored row (not only the mean) so that intervals and paired tests
+    between two rows scored on the same inputs can be computed; ``predictions`` lets a split
+    without labels be scored by agreement with the experts.
+    """
+
+    acc: dict[str, float | None]  # per task; None without labels
+    correct: dict[str, np.ndarray | None]  # per task: bool [N], row i predicted right
+    bias: list[float] = field(default_factory=list)  # per-block mean L1 bias; [] if not computed
+    predictions: dict[str, np.ndarray] = field(default_factory=dict)  # per task: int64 [N]
+
+    @property
+    def avg(self) -> float | None:
+        """Mean accuracy over the tasks with labels (None when no task has any)."""
+        scored = [v for v in self.acc.values() if v is not None]
+        return sum(scored) / len(scored) if scored else None
+
+    @classmethod
+    def from_predictions(
+        cls,
+        predictions: dict[str, np.ndarray],
+        labels: dict[str, np.ndarray | None],
+        bias: list[float] | None = None,
+    ) -> Evaluation:
+        """Accuracy and per-row correctness of ``predictions`` against ``labels``."""
+        correct = {
+            name: None if labels[name] is None else np.asarray(pred) == np.asarray(labels[name])
+            for name, pred in predictions.items()
+        }
+        acc = {
+            n: None if c is None else float(c.mean()) if len(c) else 0.0 for n, c in correct.items()
+        }
+        return cls(acc, correct, list(bias or []), dict(predictions))
+
+    def agreement(self, reference: Evaluation) -> dict[str, float]:
+        """Per task, the share of rows predicted as ``reference`` predicts them (the experts'
+        predictions: the score when a split has no labels)."""
+        return {
+            name: float((pred == reference.predictions[name]).mean()) if len(pred) else 0.0
+            for name, pred in self.predictions.items()
+        }
 
 
 @torch.no_grad()
@@ -23,15 +72,15 @@ def evaluate_task(
     device: torch.device,
     expert: Targets | None = None,
     desc: str = "eval",
-) -> tuple[float | None, list[float] | None]:
-    """Top-1 accuracy with every row routed to ``task_index`` (None when the split has no
-    labels); with the expert's representations of the same rows, also the bias b_l: the
-    per-sample, per-dimension L1 distance to the expert at every block and at the final
-    representation ([L + 1]), which needs no labels."""
+) -> tuple[np.ndarray, list[float] | None]:
+    """The predicted class of every row (int64 [N], every row routed to ``task_index``);
+    with the expert's representations of the same rows, also the bias b_l: the per-sample,
+    per-dimension L1 distance to the expert at every block and at the final representation
+    ([L + 1]), which needs no labels."""
     model.eval()
     order = length_order(split.inputs)
     num_classes = model.heads.num_classes[task_index]
-    correct = 0
+    predictions = np.empty(len(order), dtype=np.int64)
     bias = torch.zeros(model.backbone.num_blocks + 1, dtype=torch.float64)
     for start in progress(range(0, len(order), batch_size), desc, "batch"):
         rows = order[start : start + batch_size]
@@ -40,18 +89,26 @@ def evaluate_task(
         task_ids = torch.full((len(rows),), task_index, dtype=torch.long, device=device)
         final, means = model.representations(batch, task_ids, block_means=expert is not None)
         logits = model.heads(final, task_ids)[:, :num_classes]
-        if part.labels is not None:
-            correct += (logits.argmax(-1).cpu() == torch.as_tensor(part.labels)).sum().item()
+        predictions[rows] = logits.argmax(-1).cpu().numpy()
         if expert is not None:
             target = expert.take(torch.as_tensor(rows))
             for index, mean in enumerate(means):
                 bias[index] += (mean.float().cpu() - target.blocks[:, index]).abs().mean(-1).sum()
             bias[-1] += (final.float().cpu() - target.final).abs().mean(-1).sum()
-    accuracy = None if split.labels is None else correct / len(order)
-    return accuracy, ((bias / len(order)).tolist() if expert is not None else None)
+    return predictions, ((bias / max(len(order), 1)).tolist() if expert is not None else None)
 
 
 @torch.no_grad()
+def predictions_from_features(
+    heads: Heads, task_index: int, final: torch.Tensor, device: torch.device
+) -> np.ndarray:
+    """The predicted class (int64 [N]) of task ``task_index``'s head on precomputed final
+    representations [N, F]."""
+    task_ids = torch.full((len(final),), task_index, dtype=torch.long, device=device)
+    logits = heads(final.to(device), task_ids)[:, : heads.num_classes[task_index]]
+    return logits.argmax(-1).cpu().numpy()
+
+
 def accuracy_from_features(
     heads: Heads, task_index: int, final: torch.Tensor, labels, device: torch.device
 ) -> float | None:
@@ -59,9 +116,8 @@ def accuracy_from_features(
     (None without labels)."""
     if labels is None:
         return None
-    task_ids = torch.full((len(final),), task_index, dtype=torch.long, device=device)
-    logits = heads(final.to(device), task_ids)[:, : heads.num_classes[task_index]]
-    return (logits.argmax(-1).cpu() == torch.as_tensor(labels)).float().mean().item()
+    pred = predictions_from_features(heads, task_index, final, device)
+    return float((pred == np.asarray(labels)).mean())
 
 
 class ValidationScorer:
