@@ -17,30 +17,13 @@ from typing import Any
 
 from modeldir import ALL_TASKS
 
+from .backbones import BackboneSettings, HFTextSettings, get_kind
 from .errors import UserError
 from .merging import METHODS, get_method
 from .surgery.model import SURGERY_MODES
 from .surgery.train import LOSSES
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-@dataclass
-class BackboneConfig:
-    kind: str = "hf_text"  # hf_text | open_clip_vit | hf_vision
-    # hf_text: a local model directory, or "minilm" for the packaged all-MiniLM-L6-v2.
-    # open_clip_vit: a local weights file (safetensors / .pt) or "" for seeded random weights.
-    path: str = "minilm"
-    # open_clip_vit: an open_clip model name ("ViT-B-32") or an inline vision config.
-    model: str = ""
-    vision_cfg: dict = field(default_factory=dict)
-    embed_dim: int = 0
-    max_length: int = 128  # text: tokens per input (truncation)
-    pooling: str = "mean"  # hf_text: mean | cls | max
-    init_seed: int = 0  # open_clip_vit without weights: seed of the random init
-    # hf_vision (path: a CLIP / ViT / DINOv2 folder or hub id): input resolution, 0 = the
-    # model's image processor's own; its resize is scaled by the same ratio
-    image_size: int = 0
 
 
 @dataclass
@@ -158,7 +141,8 @@ class OutputConfig:
 class Config:
     name: str = "run"
     seed: int = 0
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    # the kind's own settings (``[backbone] kind = ...``; see trainer/backbones)
+    backbone: BackboneSettings = field(default_factory=HFTextSettings)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
@@ -171,7 +155,7 @@ class Config:
     demo: dict = field(default_factory=dict)  # options of the generated demo data
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "backbone": self.backbone.fields()}
 
 
 def _build(cls, data: Any, where: str):
@@ -189,6 +173,8 @@ def _build(cls, data: Any, where: str):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if isinstance(default, MergeConfig):
             value = _build_merge(value)
+        elif isinstance(default, BackboneSettings):
+            value = _build_backbone(value)
         elif dataclasses.is_dataclass(default):
             value = _build(type(default), value, key if where == "config" else f"{where}.{key}")
         elif key == "tasks":
@@ -201,6 +187,26 @@ def _build(cls, data: Any, where: str):
             value = _coerce(value, default, f"{where}.{key}")
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def _build_backbone(data: Any) -> BackboneSettings:
+    """``[backbone]``: ``kind`` (default hf_text) picks the registered kind, whose settings
+    dataclass holds the other keys (an unknown kind lists the known ones)."""
+    if not isinstance(data, dict):
+        raise UserError(f"config section [backbone] must be a table, got {type(data).__name__}")
+    kind = data.get("kind", HFTextSettings.kind)
+    if not isinstance(kind, str):
+        raise UserError(f"config key 'backbone.kind' must be a string, got {kind!r}")
+    settings = get_kind(kind).settings
+    values = {k: v for k, v in data.items() if k != "kind"}
+    valid = sorted(["kind", *(f.name for f in dataclasses.fields(settings))])
+    for key in values:
+        if key not in valid:
+            raise UserError(
+                f"unknown config key 'backbone.{key}'; valid keys of [backbone] with kind "
+                f"{kind}: {', '.join(valid)}"
+            )
+    return _build(settings, values, "backbone")
 
 
 def _build_merge(data: Any) -> MergeConfig:
@@ -308,21 +314,7 @@ def load_config(name_or_path: str = "demo", overrides: list[str] | None = None) 
 
 def validate(config: Config) -> None:
     """Semantic checks that need no data (types were checked while building)."""
-    if config.backbone.kind not in ("hf_text", "open_clip_vit", "hf_vision"):
-        raise UserError(
-            f"backbone.kind '{config.backbone.kind}' is unknown; "
-            "use hf_text, open_clip_vit or hf_vision"
-        )
-    if config.backbone.image_size < 0:
-        raise UserError(f"backbone.image_size must be >= 0, got {config.backbone.image_size}")
-    if config.backbone.pooling not in ("mean", "cls", "max"):
-        raise UserError(
-            f"backbone.pooling '{config.backbone.pooling}' is unknown; use mean, cls or max"
-        )
-    if config.backbone.kind == "open_clip_vit" and not (
-        config.backbone.model or config.backbone.vision_cfg
-    ):
-        raise UserError("backbone.kind open_clip_vit needs backbone.model or backbone.vision_cfg")
+    config.backbone.check()  # the kind's own keys, checked by the kind
     if not config.tasks and not config.demo:
         raise UserError("the config lists no tasks: add [[tasks]] tables with name and path")
     names = [t.name for t in config.tasks]

@@ -23,39 +23,25 @@ config points at it. ``OUT/experts.toml`` is the original config with every task
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
 import re
 import shutil
 import sys
-import tempfile
 import tomllib
 from pathlib import Path
 
-from safetensors.torch import save_file
-from sentence_transformers import SentenceTransformer
-from transformers import AutoModelForSequenceClassification, CLIPVisionModelWithProjection
-
 from modeldir import atomic_directory
 
-from .backbones import Backbone, HFTextBackbone, HFVisionBackbone, OpenClipViTBackbone
-from .backbones.hf_vision import PROCESSOR_FILE
+from .backbones import Backbone
 from .config import apply_overrides, load_config, resolve_config_path
 from .data.suite import demo_folder
 from .data.tasks import TaskData
-from .errors import UserError, run_cli
+from .errors import run_cli
 from .experts.expert import Expert
-from .experts.formats.registry import HEAD_FILE, write_head_file
-from .experts.formats.transformers_classifier import head_modules
 from .pipeline import gather_experts, resolve_device
 from .progress import quiet_libraries
-
-try:  # sentence-transformers >= 6 (the modules' earlier home is deprecated there)
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-except ImportError:
-    from sentence_transformers.models import Normalize, Pooling, Transformer
 
 log = logging.getLogger("deepsurgery")
 CONFIG_FILE = "experts.toml"
@@ -133,108 +119,21 @@ def _task_tables(original: list[dict], tasks: list[TaskData], entries: dict) -> 
     return tables
 
 
-# ---- writers: one per kind of expert --------------------------------------------------------
+# ---- writers: each backbone kind writes its experts in its library's format ---------------
 
 
 def write_expert(folder: Path, base: Backbone, expert: Expert, classes: list[str]) -> dict:
-    """Write ``expert`` under ``folder`` -> the [[tasks]] keys pointing at it, relative to the
-    task's folder name (``expert``, and ``head`` when the expert's files hold none)."""
+    """Write ``expert`` under ``folder`` (the base's kind decides the format) -> the
+    [[tasks]] keys pointing at it, relative to the task's folder (``expert``, and ``head``
+    when the expert's files hold none)."""
     folder.mkdir(parents=True)
-    name = folder.name
-    if isinstance(base, HFTextBackbone):
-        if expert.head.hidden_weight is not None:
-            write_classifier(folder, base, expert, classes)
-        else:
-            write_sentence_transformer(folder, base, expert, classes)
-        return {"expert": "."}
-    if expert.head.hidden_weight is not None:
-        raise UserError(
-            f"task '{name}': an image expert's head with a hidden layer has no file format"
-        )
-    write_head_file(folder / HEAD_FILE, expert.head, classes, expert.normalize)
-    if isinstance(base, OpenClipViTBackbone):
-        tower = {k.removeprefix("visual."): v.contiguous() for k, v in expert.state.items()}
-        save_file(tower, str(folder / "visual.safetensors"))
-        return {"expert": "visual.safetensors", "head": HEAD_FILE}
-    write_hf_vision(folder, base, expert.state)
-    return {"expert": ".", "head": HEAD_FILE}
-
-
-def write_sentence_transformer(
-    folder: Path, base: HFTextBackbone, expert: Expert, classes: list[str]
-) -> None:
-    """A sentence-transformers folder (written by sentence-transformers) + the head file."""
-    encoder = copy.deepcopy(base.model)
-    encoder.load_state_dict({k.removeprefix("model."): v for k, v in expert.state.items()})
-    encoder.save_pretrained(folder)
-    base.tokenizer.save_pretrained(folder)
-    transformer = Transformer(str(folder), max_seq_length=base.max_length)
-    modules = [transformer, Pooling(base.width, base.pooling)]
-    SentenceTransformer(modules=modules + ([Normalize()] if expert.normalize else [])).save(
-        str(folder)
-    )
-    write_head_file(folder / HEAD_FILE, expert.head, classes, expert.normalize)
-
-
-def write_classifier(
-    folder: Path, base: HFTextBackbone, expert: Expert, classes: list[str]
-) -> None:
-    """The ``*ForSequenceClassification`` the expert came as (``save_pretrained``)."""
-    config = copy.deepcopy(base.model.config)
-    config.num_labels = len(classes)
-    config.id2label = dict(enumerate(classes))
-    config.label2id = {c: i for i, c in enumerate(classes)}
-    config.architectures = None
-    model = AutoModelForSequenceClassification.from_config(config)
-    encoder = {k.removeprefix("model."): v for k, v in expert.state.items()}
-    missing, unexpected = model.base_model.load_state_dict(encoder, strict=False)
-    hidden, out, activation = head_modules(model, config.model_type)
-    if (
-        unexpected
-        or any(not k.startswith("pooler.") for k in missing)
-        or activation != expert.head.activation
-    ):
-        raise UserError(
-            f"task '{folder.name}': its head does not fit a {config.model_type} classifier"
-        )
-    for layer, (weight, bias) in (
-        (hidden, (expert.head.hidden_weight, expert.head.hidden_bias)),
-        (out, (expert.head.weight, expert.head.bias)),
-    ):
-        layer.weight.data.copy_(weight)
-        layer.bias.data.copy_(bias)
-    model.save_pretrained(folder)
-    base.tokenizer.save_pretrained(folder)
-
-
-def write_hf_vision(folder: Path, base: HFVisionBackbone, state: dict) -> None:
-    """``save_pretrained`` of the vision model holding ``state``, and its processor file."""
-    work = copy.deepcopy(base)
-    work.load_state_dict(state)
-    if work.visual_projection is not None:  # CLIP with its projection: the wrapper holds both
-        model = CLIPVisionModelWithProjection(work.hf_config)
-        model.load_state_dict(work.state_dict())
-    else:  # CLIPVisionModel / ViTModel / Dinov2Model: the tower is the model
-        model = work.vision_model
-    model.save_pretrained(folder)
-    with tempfile.TemporaryDirectory() as assets:
-        base.save_assets(assets)
-        shutil.copyfile(Path(assets) / PROCESSOR_FILE, folder / PROCESSOR_FILE)
+    return base.write_expert(folder, expert, classes)
 
 
 def write_base(folder: Path, base: Backbone) -> str:
     """A base pre-trained here, in its kind's format -> the file or folder name under folder."""
     folder.mkdir(parents=True)
-    if isinstance(base, OpenClipViTBackbone):
-        tower = {k: v.contiguous() for k, v in base.visual.state_dict().items()}
-        save_file(tower, str(folder / "visual.safetensors"))
-        return "visual.safetensors"
-    if isinstance(base, HFTextBackbone):
-        base.model.save_pretrained(folder)
-        base.tokenizer.save_pretrained(folder)
-        return "."
-    write_hf_vision(folder, base, base.state_dict())
-    return "."
+    return base.write_base(folder)
 
 
 # ---- a TOML writer for the config (tomllib reads, the standard library writes none) --------

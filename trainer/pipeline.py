@@ -30,7 +30,13 @@ from .data.validation import ValidationSet, hold_out_validation, validation_set
 from .errors import UserError
 from .experts.cache import state_fingerprint
 from .experts.checkpoints import StateDict
-from .experts.expert import Expert, expert_heads, get_expert, load_given_experts
+from .experts.expert import (
+    Expert,
+    expert_heads,
+    get_expert,
+    load_given_experts,
+    settle_backbone,
+)
 from .experts.multitask import train_multitask
 from .experts.pretrain import pretrain_base
 from .merging import MergeContext, Searched, get_method, merge
@@ -377,7 +383,8 @@ def gather_experts(
     torch.manual_seed(config.seed)
     tasks = load_tasks(config, data_root, cache)
     sc = config.surgery
-    base = build_backbone(config.backbone)
+    # settings the experts' own files fix (a classifier's pooling) are read from them
+    base = build_backbone(settle_backbone(config.backbone, config.tasks, data_root))
     for task in tasks:
         if task.modality != base.modality:
             raise UserError(

@@ -29,9 +29,14 @@ from transformers import (
 )
 
 from runtime.preprocess import ImagePreprocessor
-from trainer.backbones import HFVisionBackbone, backbone_from_spec, build_backbone
+from trainer.backbones import (
+    HFVisionBackbone,
+    HFVisionSettings,
+    backbone_from_spec,
+    build_backbone,
+)
 from trainer.backbones.hf_vision import resolve_model_source
-from trainer.config import BackboneConfig, load_config
+from trainer.config import load_config
 from trainer.errors import UserError
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
@@ -269,7 +274,7 @@ def test_bad_sources_are_one_line_errors(hf_dirs, tmp_path, tiny_bert_dir):
     with pytest.raises(UserError, match="does not exist"):
         resolve_model_source(str(tmp_path / "missing" / "deep" / "dir"))
     with pytest.raises(UserError, match="model_type 'bert'"):
-        build_backbone(BackboneConfig(kind="hf_vision", path=str(tiny_bert_dir)))
+        build_backbone(HFVisionSettings(path=str(tiny_bert_dir)))
 
 
 def test_hub_id_offline(hf_dirs, tmp_path, monkeypatch):

@@ -1,34 +1,45 @@
-"""Backbone factory: a config (or a bundle's spec) -> a block-wise ``Backbone``."""
+"""Backbones: the block-wise interface (``base``), the kind registry (``registry``) and one
+module per kind, each registering its settings and its ``Backbone`` class.
 
-from __future__ import annotations
+Every module of this package is imported here, so adding a kind is adding one file
+(``trainer/backbones/<name>.py`` ending with ``register("<name>", Settings, Backbone)``).
+"""
+
+import importlib
+import pkgutil
 
 from .base import Backbone
-from .hf_text import HFTextBackbone, resolve_model_dir
-from .hf_vision import HFVisionBackbone
-from .open_clip_vit import OpenClipViTBackbone
+from .hf_text import HFTextBackbone, HFTextSettings, resolve_model_dir
+from .hf_vision import HFVisionBackbone, HFVisionSettings
+from .open_clip_vit import OpenClipViTBackbone, OpenClipViTSettings
+from .registry import (
+    KINDS,
+    BackboneSettings,
+    backbone_from_spec,
+    build_backbone,
+    get_kind,
+    register,
+    settings_for,
+)
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in ("base", "registry") and not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
+    "KINDS",
     "Backbone",
-    "build_backbone",
+    "BackboneSettings",
     "HFTextBackbone",
+    "HFTextSettings",
     "HFVisionBackbone",
+    "HFVisionSettings",
     "OpenClipViTBackbone",
+    "OpenClipViTSettings",
+    "backbone_from_spec",
+    "build_backbone",
+    "get_kind",
+    "register",
+    "resolve_model_dir",
+    "settings_for",
 ]
-
-
-def build_backbone(cfg) -> Backbone:
-    """Build the pretrained base from a ``BackboneConfig``."""
-    if cfg.kind == "hf_text":
-        return HFTextBackbone(resolve_model_dir(cfg.path), cfg.max_length, cfg.pooling)
-    if cfg.kind == "hf_vision":
-        return HFVisionBackbone(cfg.path, cfg.image_size)
-    return OpenClipViTBackbone(cfg.model, cfg.vision_cfg, cfg.embed_dim, cfg.path, cfg.init_seed)
-
-
-def backbone_from_spec(spec: dict, asset_dir) -> Backbone:
-    """Rebuild a backbone's architecture (random weights) from a bundle's manifest."""
-    if spec["kind"] == "hf_text":
-        return HFTextBackbone(asset_dir, spec["max_length"], spec["pooling"], pretrained=False)
-    if spec["kind"] == "hf_vision":
-        return HFVisionBackbone(asset_dir, pretrained=False)
-    return OpenClipViTBackbone(spec.get("model", ""), spec["vision_cfg"], spec["embed_dim"])

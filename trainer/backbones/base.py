@@ -7,15 +7,23 @@ so a per-block adapter can be inserted after any of them without knowing the arc
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from ..errors import UserError
+
+if TYPE_CHECKING:  # the experts package imports this one
+    from ..experts.expert import Expert
 
 # after_block(index, hidden [B, N, width]) -> hidden: what runs between block l and l + 1
 AfterBlock = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 class Backbone(nn.Module):
+    kind: str = ""  # the registered kind name (``registry.register`` sets it)
     modality: str  # "text" | "image"
     num_blocks: int
     width: int  # width of the block outputs [B, N, width]
@@ -104,6 +112,34 @@ class Backbone(nn.Module):
     def save_assets(self, directory) -> list[str]:
         """Write the files needed besides the weights (tokenizer, config); return their names."""
         return []
+
+    # ---- the kind's factory and file formats (see ``registry``) -----------------------------
+    @classmethod
+    def from_settings(cls, settings) -> Backbone:
+        """The pretrained base described by the kind's ``[backbone]`` settings."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_spec(cls, spec: dict, asset_dir: str | Path | None) -> Backbone:
+        """The architecture (random weights) from ``spec()`` and the ``save_assets`` files."""
+        raise NotImplementedError
+
+    def write_expert(self, folder: Path, expert: Expert, classes: list[str]) -> dict[str, str]:
+        """Write ``expert`` (fine-tuned from this base) into the existing ``folder`` in its
+        library's own format -> the [[tasks]] keys pointing at it, relative to ``folder``
+        (``expert``, and ``head`` when the expert's files hold none)."""
+        raise UserError(
+            f"backbone kind '{self.kind}' has no expert file format; "
+            "python -m trainer.export_experts cannot write its experts"
+        )
+
+    def write_base(self, folder: Path) -> str:
+        """Write this base (pre-trained here) into the existing ``folder`` in the format
+        ``backbone.path`` reads -> the file or folder name under ``folder`` to point at."""
+        raise UserError(
+            f"backbone kind '{self.kind}' has no file format for its base; "
+            "python -m trainer.export_experts cannot write it"
+        )
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -16,10 +16,13 @@ pooling, all-MiniLM-L6-v2's), the first token ([CLS] / <s>: what every
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -28,6 +31,10 @@ from transformers import MODEL_MAPPING, AutoConfig, AutoModel, AutoTokenizer
 from ..errors import UserError
 from ..hub import is_hub_id, resolve_source
 from .base import Backbone
+from .registry import BackboneSettings, register
+
+if TYPE_CHECKING:  # the experts package imports this one
+    from ..experts.expert import Expert
 
 # config fields that change an encoder's function without changing any tensor's shape: an
 # expert must agree with the base on them (the shapes are checked tensor by tensor)
@@ -42,6 +49,7 @@ ARCHITECTURE_KEYS = (
 )
 FAMILIES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "mpnet")
 POOLINGS = ("mean", "cls", "max")
+DEFAULT_POOLING = "mean"  # all-MiniLM-L6-v2's (sentence-transformers')
 
 # Files of a tokenizer/model directory that the bundle needs to rebuild the architecture.
 _ASSET_FILES = (
@@ -113,6 +121,25 @@ def _encoder(config, pretrained_dir: Path | None) -> nn.Module:
     if pretrained_dir is None:
         return AutoModel.from_config(config, **kwargs)
     return cls.from_pretrained(pretrained_dir, **kwargs)
+
+
+@dataclass
+class HFTextSettings(BackboneSettings):
+    """``[backbone] kind = "hf_text"``."""
+
+    path: str = "minilm"  # a local model folder, a hub id, or "minilm" (the packaged one)
+    max_length: int = 128  # tokens per input (truncation)
+    # mean | cls | max; "" = what the experts' files say (a *ForSequenceClassification head
+    # reads cls, a sentence-transformers folder names its own), else mean
+    pooling: str = ""
+
+    def check(self) -> None:
+        if self.pooling and self.pooling not in POOLINGS:
+            raise UserError(
+                f"backbone.pooling '{self.pooling}' is unknown; use {', '.join(POOLINGS)}"
+            )
+        if self.max_length < 2:
+            raise UserError(f"backbone.max_length must be >= 2, got {self.max_length}")
 
 
 class HFTextBackbone(Backbone):
@@ -215,6 +242,94 @@ class HFTextBackbone(Backbone):
             "pad_token_id": int(self.tokenizer.pad_token_id or 0),
         }
 
+    @classmethod
+    def from_settings(cls, settings: HFTextSettings) -> HFTextBackbone:
+        return cls(
+            resolve_model_dir(settings.path),
+            settings.max_length,
+            settings.pooling or DEFAULT_POOLING,
+        )
+
+    @classmethod
+    def from_spec(cls, spec: dict, asset_dir) -> HFTextBackbone:
+        return cls(asset_dir, spec["max_length"], spec["pooling"], pretrained=False)
+
+    def write_expert(self, folder: Path, expert: Expert, classes: list[str]) -> dict[str, str]:
+        """A linear head (what this project fine-tunes) -> a sentence-transformers folder + the
+        head file; a hidden-layer head (an expert that came as a transformers classifier) ->
+        its ``*ForSequenceClassification`` folder. A ``BertForSequenceClassification`` cannot
+        hold a linear-head expert exactly: its head reads tanh(pooler(CLS)), not a pooling."""
+        if expert.head.hidden_weight is not None:
+            self._write_classifier(folder, expert, classes)
+        else:
+            self._write_sentence_transformer(folder, expert, classes)
+        return {"expert": "."}
+
+    def write_base(self, folder: Path) -> str:
+        self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        return "."
+
+    def _write_sentence_transformer(self, folder: Path, expert: Expert, classes: list[str]):
+        """Written by sentence-transformers itself (Transformer + Pooling [+ Normalize])."""
+        # imported here: sentence-transformers is only needed to write experts, and the
+        # experts package (the head file's format) imports this one
+        from sentence_transformers import SentenceTransformer
+
+        from ..experts.formats.registry import HEAD_FILE, write_head_file
+
+        try:  # sentence-transformers >= 6 (the modules' earlier home is deprecated there)
+            from sentence_transformers.sentence_transformer.modules import (
+                Normalize,
+                Pooling,
+                Transformer,
+            )
+        except ImportError:
+            from sentence_transformers.models import Normalize, Pooling, Transformer
+
+        encoder = copy.deepcopy(self.model)
+        encoder.load_state_dict({k.removeprefix("model."): v for k, v in expert.state.items()})
+        encoder.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        transformer = Transformer(str(folder), max_seq_length=self.max_length)
+        modules = [transformer, Pooling(self.width, self.pooling)]
+        SentenceTransformer(modules=modules + ([Normalize()] if expert.normalize else [])).save(
+            str(folder)
+        )
+        write_head_file(folder / HEAD_FILE, expert.head, classes, expert.normalize)
+
+    def _write_classifier(self, folder: Path, expert: Expert, classes: list[str]) -> None:
+        """The ``*ForSequenceClassification`` the expert came as (``save_pretrained``)."""
+        from transformers import AutoModelForSequenceClassification
+
+        from ..experts.formats.transformers_classifier import head_modules
+
+        config = copy.deepcopy(self.model.config)
+        config.num_labels = len(classes)
+        config.id2label = dict(enumerate(classes))
+        config.label2id = {c: i for i, c in enumerate(classes)}
+        config.architectures = None
+        model = AutoModelForSequenceClassification.from_config(config)
+        encoder = {k.removeprefix("model."): v for k, v in expert.state.items()}
+        missing, unexpected = model.base_model.load_state_dict(encoder, strict=False)
+        hidden, out, activation = head_modules(model, config.model_type)
+        if (
+            unexpected
+            or any(not k.startswith("pooler.") for k in missing)
+            or activation != expert.head.activation
+        ):
+            raise UserError(
+                f"task '{folder.name}': its head does not fit a {config.model_type} classifier"
+            )
+        for layer, (weight, bias) in (
+            (hidden, (expert.head.hidden_weight, expert.head.hidden_bias)),
+            (out, (expert.head.weight, expert.head.bias)),
+        ):
+            layer.weight.data.copy_(weight)
+            layer.bias.data.copy_(bias)
+        model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+
     def save_assets(self, directory):
         names = []
         for name in _ASSET_FILES:
@@ -226,3 +341,6 @@ class HFTextBackbone(Backbone):
             self.tokenizer.backend_tokenizer.save(str(Path(directory) / "tokenizer.json"))
             names.append("tokenizer.json")
         return names
+
+
+register("hf_text", HFTextSettings, HFTextBackbone)

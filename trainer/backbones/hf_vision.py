@@ -30,8 +30,13 @@ interpolated (bicubic) to the new patch grid, as the libraries' ``interpolate_po
 
 from __future__ import annotations
 
+import copy
 import json
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -43,6 +48,10 @@ from transformers import AutoConfig, PretrainedConfig
 from ..errors import UserError
 from ..hub import resolve_source
 from .base import Backbone
+from .registry import BackboneSettings, register
+
+if TYPE_CHECKING:  # the experts package imports this one
+    from ..experts.expert import Expert
 
 PROCESSOR_FILE = "preprocessor_config.json"
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL's numbering
@@ -228,6 +237,24 @@ def processor_settings(
     }
 
 
+@dataclass
+class HFVisionSettings(BackboneSettings):
+    """``[backbone] kind = "hf_vision"``: ``path`` is a CLIP / ViT / DINOv2 folder or hub id."""
+
+    # the input resolution, 0 = the model's image processor's own; its resize is scaled by the
+    # same ratio
+    image_size: int = 0
+
+    def check(self) -> None:
+        if not self.path:
+            raise UserError(
+                "backbone.kind hf_vision needs backbone.path (a CLIP, ViT or DINOv2 folder "
+                "or hub id)"
+            )
+        if self.image_size < 0:
+            raise UserError(f"backbone.image_size must be >= 0, got {self.image_size}")
+
+
 class HFVisionBackbone(Backbone):
     modality = "image"
 
@@ -334,6 +361,48 @@ class HFVisionBackbone(Backbone):
             "crop_offset": "floor",
         }
 
+    @classmethod
+    def from_settings(cls, settings: HFVisionSettings) -> HFVisionBackbone:
+        return cls(settings.path, settings.image_size)
+
+    @classmethod
+    def from_spec(cls, spec: dict, asset_dir) -> HFVisionBackbone:
+        return cls(asset_dir, pretrained=False)
+
+    def write_expert(self, folder: Path, expert: Expert, classes: list[str]) -> dict[str, str]:
+        """``save_pretrained`` of the vision model with its ``preprocessor_config.json``, and
+        the head file."""
+        from ..experts.formats.registry import HEAD_FILE, write_head_file
+
+        if expert.head.hidden_weight is not None:
+            raise UserError(
+                f"task '{folder.name}': an image expert's head with a hidden layer has no "
+                "file format"
+            )
+        write_head_file(folder / HEAD_FILE, expert.head, classes, expert.normalize)
+        self._save_pretrained(folder, expert.state)
+        return {"expert": ".", "head": HEAD_FILE}
+
+    def write_base(self, folder: Path) -> str:
+        self._save_pretrained(folder, self.state_dict())
+        return "."
+
+    def _save_pretrained(self, folder: Path, state: dict) -> None:
+        """``save_pretrained`` of the vision model holding ``state``, and its processor file."""
+        from transformers import CLIPVisionModelWithProjection
+
+        work = copy.deepcopy(self)
+        work.load_state_dict(state)
+        if work.visual_projection is not None:  # CLIP with its projection: the wrapper holds both
+            model = CLIPVisionModelWithProjection(work.hf_config)
+            model.load_state_dict(work.state_dict())
+        else:  # CLIPVisionModel / ViTModel / Dinov2Model: the tower is the model
+            model = work.vision_model
+        model.save_pretrained(folder)
+        with tempfile.TemporaryDirectory() as assets:
+            self.save_assets(assets)
+            shutil.copyfile(Path(assets) / PROCESSOR_FILE, folder / PROCESSOR_FILE)
+
     def save_assets(self, directory):
         """config.json (the tower's architecture) and preprocessor_config.json (the resolved
         settings): what ``backbone_from_spec`` rebuilds the backbone from."""
@@ -361,3 +430,6 @@ class HFVisionBackbone(Backbone):
         }
         (directory / PROCESSOR_FILE).write_text(json.dumps(processor, indent=2) + "\n")
         return ["config.json", PROCESSOR_FILE]
+
+
+register("hf_vision", HFVisionSettings, HFVisionBackbone)

@@ -6,13 +6,37 @@ representation is open_clip's own pooling (ln_post, CLS token) followed by ``pro
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from ..errors import UserError
 from .base import Backbone
+from .registry import BackboneSettings, register
+
+if TYPE_CHECKING:  # the experts package imports this one
+    from ..experts.expert import Expert
+
+
+@dataclass
+class OpenClipViTSettings(BackboneSettings):
+    """``[backbone] kind = "open_clip_vit"``: ``path`` is a weights file (safetensors / .pt,
+    full CLIP or visual-only keys) or "" for seeded random weights."""
+
+    model: str = ""  # an open_clip model name ("ViT-B-32") ...
+    vision_cfg: dict = field(default_factory=dict)  # ... and/or an inline vision config
+    embed_dim: int = 0  # output width (needed with vision_cfg alone)
+    init_seed: int = 0  # without weights: the seed of the random init
+
+    def check(self) -> None:
+        if not (self.model or self.vision_cfg):
+            raise UserError(
+                "backbone.kind open_clip_vit needs backbone.model or backbone.vision_cfg"
+            )
 
 
 def _vision_config(model: str, vision_cfg: dict, embed_dim: int) -> tuple[dict, int, bool]:
@@ -149,6 +173,39 @@ class OpenClipViTBackbone(Backbone):
             "width": self.width,
         }
 
+    @classmethod
+    def from_settings(cls, settings: OpenClipViTSettings) -> OpenClipViTBackbone:
+        return cls(
+            settings.model,
+            settings.vision_cfg,
+            settings.embed_dim,
+            settings.path,
+            settings.init_seed,
+        )
+
+    @classmethod
+    def from_spec(cls, spec: dict, asset_dir) -> OpenClipViTBackbone:
+        return cls(spec.get("model", ""), spec["vision_cfg"], spec["embed_dim"])
+
+    def write_expert(self, folder: Path, expert: Expert, classes: list[str]) -> dict[str, str]:
+        """The visual tower's state dict ``visual.safetensors`` + the head file."""
+        from ..experts.formats.registry import HEAD_FILE, write_head_file
+
+        if expert.head.hidden_weight is not None:
+            raise UserError(
+                f"task '{folder.name}': an image expert's head with a hidden layer has no "
+                "file format"
+            )
+        write_head_file(folder / HEAD_FILE, expert.head, classes, expert.normalize)
+        tower = {k.removeprefix("visual."): v.contiguous() for k, v in expert.state.items()}
+        save_file(tower, str(folder / "visual.safetensors"))
+        return {"expert": "visual.safetensors", "head": HEAD_FILE}
+
+    def write_base(self, folder: Path) -> str:
+        tower = {k: v.contiguous() for k, v in self.visual.state_dict().items()}
+        save_file(tower, str(folder / "visual.safetensors"))
+        return "visual.safetensors"
+
     def preprocessing(self):
         return {
             "type": "image",
@@ -158,3 +215,6 @@ class OpenClipViTBackbone(Backbone):
             "interpolation": "bicubic",
             "resize": "shortest_edge_then_center_crop",
         }
+
+
+register("open_clip_vit", OpenClipViTSettings, OpenClipViTBackbone)

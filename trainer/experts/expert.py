@@ -9,12 +9,14 @@ normalisation), since one stacked ``Heads`` serves them all.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..backbones import Backbone
+from ..backbones import Backbone, BackboneSettings
 from ..config import FinetuneConfig, TaskConfig
 from ..data.tasks import TaskData, check_labels, resolve_path
 from ..errors import UserError
@@ -23,8 +25,10 @@ from ..surgery.model import Heads, TaskHead
 from .cache import cache_key, cached_training
 from .checkpoints import StateDict
 from .finetune import HEAD_SCALE, train_classifier
-from .formats import ExpertSource, LoadedExpert, load_expert
+from .formats import ExpertSource, LoadedExpert, detect_format, load_expert
 from .formats.registry import ZEROSHOT
+
+log = logging.getLogger("deepsurgery")
 
 
 @dataclass
@@ -34,6 +38,54 @@ class Expert:
     head: TaskHead
     source: str  # "checkpoint" | "cache" | "fine-tuned" | "<format> expert"
     normalize: bool = False  # its head reads the L2-normalised feature
+
+
+def settle_backbone(
+    settings: BackboneSettings, task_configs: list[TaskConfig], data_root: Path
+) -> BackboneSettings:
+    """The ``[backbone]`` settings with what the experts' own files fix filled in: a key the
+    config leaves unset ("") takes the experts' value (logged once, with the file it came
+    from); a key the config sets must agree with every expert, and the experts with each
+    other, else a one-line error naming both sides. Read before the base is built."""
+    keys = {f.name for f in dataclasses.fields(settings)}
+    implied: dict[str, tuple[object, Path]] = {}  # key -> (value, the expert that says so)
+    for cfg in task_configs:
+        if not cfg.expert:
+            continue
+        where = f"task '{cfg.name}': expert"
+        path = resolve_source(str(resolve_path(cfg.expert, data_root)), where)
+        try:
+            fmt = detect_format(path, cfg.name)
+        except UserError:
+            continue  # loading it says what is wrong, with the base at hand
+        if fmt.implies is None:
+            continue
+        for key, value in fmt.implies(path, f"{where} {path}").items():
+            if key not in keys:
+                continue  # a setting this kind does not have: loading checks the kind
+            configured = getattr(settings, key)
+            if configured not in ("", None) and configured != value:
+                raise UserError(
+                    f"{where} {path} needs backbone.{key} = {value!r} ({fmt.name}: its head "
+                    f"reads it) but the config sets {configured!r}; set [backbone] {key} = "
+                    f'"{value}" or leave it out'
+                )
+            if key in implied and implied[key][0] != value:
+                first, other = implied[key]
+                raise UserError(
+                    f"{where} {path} needs backbone.{key} = {value!r} but expert {other} needs "
+                    f"{first!r}; one merged backbone has one {key}: give experts that agree"
+                )
+            implied.setdefault(key, (value, path))
+    changes = {k: v for k, (v, _) in implied.items() if getattr(settings, k) in ("", None)}
+    for key, value in changes.items():
+        log.info(
+            "backbone.%s = %r inferred from the expert %s (the config leaves it unset)",
+            key,
+            value,
+            implied[key][1],
+        )
+    return dataclasses.replace(settings, **changes) if changes else settings
 
 
 def load_given_experts(

@@ -65,18 +65,27 @@ class ExpertFormat:
     detect: Callable[[Path], bool]
     load: Callable[[ExpertSource], LoadedExpert]
     expects: str  # what such an expert looks like, for the "unknown format" error
+    # the [backbone] settings the expert's own files fix, read cheaply before the base is built
+    # (path, where) -> {key: value}, e.g. a *ForSequenceClassification head reads pooling "cls"
+    implies: Callable[[Path, str], dict] | None = None
 
 
 FORMATS: dict[str, ExpertFormat] = {}
 
 
-def register(name: str, detect: Callable[[Path], bool], expects: str):
-    """Decorator: make ``load`` the loader of format ``name``, recognised by ``detect``."""
+def register(
+    name: str,
+    detect: Callable[[Path], bool],
+    expects: str,
+    implies: Callable[[Path, str], dict] | None = None,
+):
+    """Decorator: make ``load`` the loader of format ``name``, recognised by ``detect``;
+    ``implies`` reads the backbone settings the expert's files fix."""
 
     def wrap(load: Callable[[ExpertSource], LoadedExpert]):
         if name in FORMATS:
             raise ValueError(f"expert format '{name}' is registered twice")
-        FORMATS[name] = ExpertFormat(name, detect, load, expects)
+        FORMATS[name] = ExpertFormat(name, detect, load, expects, implies)
         return load
 
     return wrap

@@ -81,11 +81,17 @@ def read_pooling(folder: Path, where: str) -> str:
     return mode
 
 
+def implies(path: Path, where: str) -> dict:
+    """The pooling its Pooling module names (what its head was trained on)."""
+    return {"pooling": read_pooling(read_modules(path, where)["Pooling"], where)}
+
+
 @register(
     "sentence-transformers",
     detect,
     "a sentence-transformers folder (modules.json: Transformer + Pooling [+ Normalize]) "
     f"with a {HEAD_FILE} head",
+    implies,
 )
 def load(source: ExpertSource) -> LoadedExpert:
     where = source.where

@@ -65,11 +65,17 @@ def classification_head(model: nn.Module, model_type: str) -> TaskHead:
     )
 
 
+def implies(path: Path, where: str) -> dict:
+    """Every ``*ForSequenceClassification`` head reads the first token ([CLS] / <s>)."""
+    return {"pooling": "cls"}
+
+
 @register(
     "transformers",
     detect,
     "a transformers *ForSequenceClassification folder (config.json + weights, "
     "from save_pretrained)",
+    implies,
 )
 def load(source: ExpertSource) -> LoadedExpert:
     where = source.where
