@@ -111,6 +111,9 @@ methods = ["task_arithmetic"]
 rank = 4
 iterations = 5
 batch_size = 8
+# the transductive pool: the fixture's train and test sentences repeat the same six texts
+# per task, so the inductive pool (train inputs minus copies of test inputs) would be empty
+unlabeled = "test"
 [[tasks]]
 name = "animals"
 path = "{{data}}/animals"

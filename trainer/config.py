@@ -122,7 +122,13 @@ class SurgeryConfig:
     iterations: int = 200
     batch_size: int = 16
     lr: float = 1e-3
-    unlabeled: str = "test"  # test | task:<name> | a folder / file of wild inputs
+    # what surgery and AdaMerging learn from, never labels (trainer.data.unlabeled):
+    # "train" (the inductive protocol: train inputs minus validation rows and copies of test
+    # inputs), "test" (the paper's transductive protocol), "task:<name>", or a file / folder
+    unlabeled: str = "train"
+    # rows per task: "auto" (a train pool as large as the task's test split: the transductive
+    # protocol's memory and compute), "all", or a number
+    unlabeled_size: Any = field(default="auto", metadata={"checked_in": "validate"})
     unlabeled_fraction: float = 1.0
     seed: int = 0
 
@@ -358,6 +364,7 @@ def validate(config: Config) -> None:
         raise UserError(f"surgery.rank must be >= 1, got {sc.rank}")
     if sc.branch_block < 0:
         raise UserError(f"surgery.branch_block must be >= 0, got {sc.branch_block}")
+    _validate_unlabeled(sc.unlabeled, sc.unlabeled_size)
     if not 0.0 < sc.unlabeled_fraction <= 1.0:
         raise UserError(
             f"surgery.unlabeled_fraction must be in (0, 1], got {sc.unlabeled_fraction}"
@@ -390,6 +397,29 @@ def _validate_validation_size(size: Any) -> None:
         raise UserError(
             f"config key 'validation.size' = {size}: a fraction must be below 1 and a number "
             "of rows a whole number"
+        )
+
+
+def _validate_unlabeled(source: str, size: Any) -> None:
+    """``surgery.unlabeled``: "train", "test", "task:<name>" or a path (a value that names
+    neither a pool nor a path is refused here, before the data is read);
+    ``surgery.unlabeled_size``: "auto", "all" or a number of rows >= 1."""
+    pools = '"train" (inductive, the default), "test" (transductive), "task:<name>" or a path'
+    if source in ("inductive", "transductive"):
+        raise UserError(
+            f"surgery.unlabeled names the pool, not the protocol: use {pools}; got '{source}'"
+        )
+    is_path = any(c in source for c in "/\\.{~")
+    if source not in ("train", "test") and not source.startswith("task:") and not is_path:
+        raise UserError(f"unknown surgery.unlabeled '{source}': use {pools} (e.g. ./{source})")
+    if source.startswith("task:") and not source[5:]:
+        raise UserError("surgery.unlabeled 'task:' names no task; use 'task:<name>'")
+    if size in ("auto", "all"):
+        return
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise UserError(
+            f'surgery.unlabeled_size must be "auto" (as many rows as the task\'s test split), '
+            f'"all" or a number of rows >= 1, got {size!r}'
         )
 
 

@@ -25,7 +25,7 @@ from .backbones import Backbone, build_backbone
 from .config import Config
 from .data.suite import load_tasks
 from .data.tasks import Split, TaskData
-from .data.unlabeled import unlabeled_inputs
+from .data.unlabeled import UnlabeledPool, unlabeled_pool
 from .data.validation import ValidationSet, hold_out_validation, validation_set
 from .errors import UserError
 from .experts.cache import state_fingerprint
@@ -55,6 +55,10 @@ from .surgery.train import SurgeryResult, train_surgery
 
 log = logging.getLogger("deepsurgery")
 
+# a data-driven merge's choices that results.json records (AdaMerging: the start λ, the
+# iteration whose coefficients were kept and where its guard stopped)
+LEARNED = ("init", "kept", "stopped")
+
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
@@ -80,16 +84,20 @@ class Experiment:
     experts: list[Expert]
     heads: Heads  # the experts' frozen heads, one per task
     unlabeled: list | None  # per task: the inputs surgery / AdaMerging learn from
+    pool: UnlabeledPool | None  # ... with their protocol and source (None: no pool needed)
     test_targets: list[Targets]  # the experts' representations of the test inputs
     train_targets: list[Targets]  # ... of the unlabeled inputs (surgery targets)
     individual: dict[str, float]  # each task's expert accuracy
     pretrain: dict | None = None
     timing: dict[str, float] = field(default_factory=dict)
     searches: dict[str, SearchResult] = field(default_factory=dict)  # method -> its search
+    # method -> what a data-driven merge chose from the unlabeled pool (AdaMerging's start)
+    learned: dict[str, dict] = field(default_factory=dict)
     _frozen: dict = field(default_factory=dict)  # Surgery's merged features per state + pool
     _scorer: ValidationScorer | None = None
     _validation: ValidationSet | None = None
     _validation_targets: list[Targets] | None = None  # the experts' on the validation inputs
+    _validation_experts: Evaluation | None = None  # the experts' predictions there
     _clock: float = field(default_factory=time.perf_counter)
 
     @property
@@ -134,6 +142,9 @@ class Experiment:
             log.info("%s", search_line(result, self.validation, self.validation_notes()))
             self.lap("search")
         state = merge(method, self.base_state, experts, hparams, context)
+        if context is not None and method in context.extra:  # what it learned from the pool
+            record = context.extra[method]
+            self.learned[method] = {k: record[k] for k in LEARNED if k in record}
         return state, hparams
 
     @property
@@ -317,6 +328,23 @@ class Experiment:
             labels[name] = part.labels
         return Evaluation.from_predictions(predictions, labels)
 
+    def bundle_criterion(self) -> str:
+        """How ``output.bundle = "best"`` picks its row: "validation" (mean accuracy over
+        tasks on the validation rows), or "agreement" with the experts' predictions on the
+        validation inputs when a task has no labelled validation rows (as the searches do)."""
+        return "validation" if self.validation.criterion == "accuracy" else "agreement"
+
+    def validation_score(self, model: MultiTaskModel, label: str) -> float:
+        """``model``'s score under :meth:`bundle_criterion`, the mean over tasks: what the
+        bundle row is chosen by (the test split is never read)."""
+        scored = self.evaluate(model, label, split="validation")
+        if self.bundle_criterion() == "validation":
+            return scored.avg
+        if self._validation_experts is None:
+            self._validation_experts = self.individual_accuracy(split="validation")
+        agreement = scored.agreement(self._validation_experts)
+        return sum(agreement.values()) / len(agreement)
+
     def expert_targets(
         self, pools: list[list], desc: str, skip: dict[int, Targets] | None = None
     ) -> list[Targets]:
@@ -367,7 +395,7 @@ class Experts:
     base: Backbone
     experts: list[Expert]
     heads: Heads
-    unlabeled: list | None
+    pool: UnlabeledPool | None
     pretrain: dict | None
     timing: dict[str, float]
     clock: float
@@ -414,10 +442,12 @@ def gather_experts(
         for m in config.merge.methods
         for v in config.merge.hparams(m).values()
     )
-    # a task without validation rows has its searches scored on its unlabeled inputs
-    needs_pool = searching and any(t.validation is None for t in tasks)
-    unlabeled = (
-        unlabeled_inputs(config, tasks, data_root)
+    # a task without validation rows has its searches (and the bundle's choice) scored on
+    # its unlabeled inputs
+    choosing = config.output.bundle == "best" and bool(config.merge.methods)
+    needs_pool = (searching or choosing) and any(t.validation is None for t in tasks)
+    pool = (
+        unlabeled_pool(config, tasks, data_root)
         if wants_surgery or data_driven or needs_pool
         else None
     )
@@ -443,6 +473,12 @@ def gather_experts(
     held = [f"{t.name} {len(t.validation)}" for t in tasks if t.validation_source == "train"]
     if held:
         log.info("validation rows held out of the train splits: %s", ", ".join(held))
+    if pool is not None:
+        log.info(
+            "unlabeled pool: %s, %s",
+            pool.describe(),
+            ", ".join(f"{t.name} {len(p)}" for t, p in zip(tasks, pool.pools)),
+        )
     timing["load"] = round(time.perf_counter() - clock, 2)
     clock = time.perf_counter()
 
@@ -469,7 +505,7 @@ def gather_experts(
     timing["experts"] = round(time.perf_counter() - clock, 2)
     clock = time.perf_counter()
     heads = expert_heads(experts).to(device)
-    return Experts(tasks, base, experts, heads, unlabeled, pretrain, timing, clock)
+    return Experts(tasks, base, experts, heads, pool, pretrain, timing, clock)
 
 
 def prepare(config: Config, *, data_root: Path, cache: Path, device: torch.device) -> Experiment:
@@ -477,7 +513,8 @@ def prepare(config: Config, *, data_root: Path, cache: Path, device: torch.devic
     representations: everything the rows share."""
     gathered = gather_experts(config, data_root=data_root, cache=cache, device=device)
     tasks, base, experts, heads = gathered.tasks, gathered.base, gathered.experts, gathered.heads
-    unlabeled, sc = gathered.unlabeled, config.surgery
+    pool, sc = gathered.pool, config.surgery
+    unlabeled = None if pool is None else pool.pools
     wants_surgery = any(m != "none" for m in sc.modes)
 
     # ---- 3. the experts' representations: the individual row, bias and surgery targets ------
@@ -493,7 +530,8 @@ def prepare(config: Config, *, data_root: Path, cache: Path, device: torch.devic
             heads, i, feats.final, task.test.labels, device
         )
         if unlabeled is not None and wants_surgery:
-            same = sc.unlabeled == "test" and sc.unlabeled_fraction == 1.0
+            # the transductive pool, whole: the test representations are its targets
+            same = sc.unlabeled == "test" and len(unlabeled[i]) == len(task.test)
             train_targets.append(
                 feats
                 if same
@@ -509,6 +547,7 @@ def prepare(config: Config, *, data_root: Path, cache: Path, device: torch.devic
         experts=experts,
         heads=heads,
         unlabeled=unlabeled,
+        pool=pool,
         test_targets=test_targets,
         train_targets=train_targets,
         individual=individual,

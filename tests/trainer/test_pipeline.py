@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from trainer.config import load_config
-from trainer.data.unlabeled import unlabeled_inputs
+from trainer.data.unlabeled import unlabeled_pool
 from trainer.errors import UserError
 from trainer.pipeline import prepare
 
@@ -67,7 +67,7 @@ def test_surgery_and_adamerging_never_read_labels(tiny_config, text_tasks, tmp_p
 
 def test_unlabeled_inputs_hand_over_no_labels(tiny_config, text_tasks, tmp_path):
     exp = _prepare(tiny_config, text_tasks, tmp_path / "cache")
-    pools = unlabeled_inputs(exp.config, exp.tasks, text_tasks)
+    pools = unlabeled_pool(exp.config, exp.tasks, text_tasks).pools
     assert [len(p) for p in pools] == [len(t.test) for t in exp.tasks]
     assert all(isinstance(x, str) for pool in pools for x in pool)
 

@@ -1,41 +1,200 @@
-"""Where surgery's unlabeled inputs come from: test inputs, a fraction, another task, wild files."""
+"""The unlabeled pool: the inductive protocol by default (train inputs, labels dropped, minus
+the validation rows and copies of scored test inputs), the transductive one on request, user
+pools, and the one-line refusals."""
 
+import logging
+
+import numpy as np
 import pytest
 
+from tests.conftest import write_text_task
 from trainer.config import load_config
 from trainer.data.tasks import load_task
-from trainer.data.unlabeled import unlabeled_inputs
+from trainer.data.unlabeled import content_hash, unlabeled_pool
+from trainer.data.validation import hold_out_validation
 from trainer.errors import UserError
 
-
-@pytest.fixture
-def tasks(text_tasks):
-    return [load_task(n, f"{{data}}/{n}", text_tasks) for n in ("animals", "colours")]
+ANIMALS = [["cat", "dog", "horse"], ["car", "bus", "train"]]
+COLOURS = [["red", "blue"], ["happy", "sad"], ["table", "chair"]]
 
 
-def _cfg(*overrides):
-    return load_config("demo", list(overrides))
+def distinct_rows(words: list[list[str]], n: int, seed: int, start: int) -> list[tuple[str, int]]:
+    """``n`` sentences, each unique (numbered from ``start``), labelled by their keyword."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        label = int(rng.integers(len(words)))
+        rows.append(
+            (f"the {words[label][rng.integers(len(words[label]))]} number {start + i}", label)
+        )
+    return rows
 
 
-def test_default_is_each_tasks_own_test_inputs(tasks, text_tasks):
-    pools = unlabeled_inputs(_cfg(), tasks, text_tasks)
-    assert pools[0] == tasks[0].test.inputs and pools[1] == tasks[1].test.inputs
+def write_distinct_tasks(root, copies: int = 0):
+    """Two text tasks whose train and test sentences differ, but for ``copies`` test rows of
+    animals repeated in its train split (as real datasets do)."""
+    test = distinct_rows(ANIMALS, 24, 1, 1000)
+    write_text_task(
+        root / "animals",
+        ["animal", "vehicle"],
+        distinct_rows(ANIMALS, 48, 0, 0) + test[:copies],
+        test,
+    )
+    write_text_task(
+        root / "colours",
+        ["colour", "mood", "furniture"],
+        distinct_rows(COLOURS, 48, 2, 2000),
+        distinct_rows(COLOURS, 24, 3, 3000),
+    )
+    return root
 
 
-def test_fraction_keeps_a_seeded_subset(tasks, text_tasks):
-    pools = unlabeled_inputs(_cfg("surgery.unlabeled_fraction=0.25"), tasks, text_tasks)
-    assert [len(p) for p in pools] == [6, 6]
-    assert set(pools[0]) <= set(tasks[0].test.inputs)
-    again = unlabeled_inputs(_cfg("surgery.unlabeled_fraction=0.25"), tasks, text_tasks)
-    assert again == pools
+def _pool(root, *overrides, names=("animals", "colours")):
+    config = load_config("demo", ["validation.size=8", *overrides])
+    # a name may be "name=file" (a task read from that file under root)
+    tasks = [load_task(n.split("=")[0], f"{{data}}/{n.split('=')[-1]}", root) for n in names]
+    hold_out_validation(config, tasks, root)
+    return unlabeled_pool(config, tasks, root), tasks
 
 
-def test_another_tasks_inputs_and_wild_files(tasks, text_tasks, tmp_path):
-    pools = unlabeled_inputs(_cfg("surgery.unlabeled='task:colours'"), tasks, text_tasks)
-    assert pools[0] == tasks[1].test.inputs
+def test_default_is_inductive_train_inputs_capped_at_the_test_size(tmp_path):
+    root = write_distinct_tasks(tmp_path / "data")
+    pool, tasks = _pool(root)
+    assert pool.protocol == "inductive" and pool.source == "train"
+    for inputs, task in zip(pool.pools, tasks):
+        assert len(inputs) == len(task.test) == 24  # 40 train rows left, capped at 24
+        assert set(inputs) <= set(task.train.inputs)  # labels dropped: plain strings
+        assert not set(inputs) & set(task.validation.inputs)
+        assert not set(inputs) & set(task.test.inputs)
+    record = pool.record(["animals", "colours"])
+    assert record["protocol"] == "inductive" and record["overlap_with_test"] == 0
+    assert record["rows"] == {"animals": 24, "colours": 24}
+    again, _ = _pool(root)
+    assert again.pools == pool.pools  # seeded
+
+
+def test_unlabeled_size_all_a_number_and_a_fraction(tmp_path):
+    root = write_distinct_tasks(tmp_path / "data")
+    pool, tasks = _pool(root, "surgery.unlabeled_size='all'")
+    assert [len(p) for p in pool.pools] == [len(t.train) for t in tasks] == [40, 40]
+    pool, _ = _pool(root, "surgery.unlabeled_size=10")
+    assert [len(p) for p in pool.pools] == [10, 10]
+    pool, _ = _pool(root, "surgery.unlabeled_size='all'", "surgery.unlabeled_fraction=0.25")
+    assert [len(p) for p in pool.pools] == [10, 10]
+
+
+def test_copies_of_test_inputs_are_dropped_and_counted_once(tmp_path, caplog):
+    root = write_distinct_tasks(tmp_path / "data", copies=5)
+    with caplog.at_level(logging.INFO, logger="deepsurgery"):
+        pool, tasks = _pool(root, "surgery.unlabeled_size='all'")
+    tests = {content_hash(x) for t in tasks for x in t.test.inputs}
+    assert not any(content_hash(x) in tests for p in pool.pools for x in p)
+    held = sum(x in set(tasks[0].test.inputs) for x in tasks[0].validation.inputs)
+    assert pool.dropped == [5 - held, 0] and 5 - held > 0
+    assert pool.overlap_with_test == 0
+    lines = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert lines == [
+        f"inductive pool: dropped {5 - held} train inputs equal to test or validation inputs "
+        f"(animals {5 - held})"
+    ]
+
+
+def test_image_copies_are_found_by_content(tmp_path):
+    rng = np.random.default_rng(0)
+    x_test = rng.integers(0, 255, (6, 4, 4, 3), dtype=np.uint8)
+    x_train = np.concatenate([rng.integers(0, 255, (20, 4, 4, 3), dtype=np.uint8), x_test[:2]])
+    np.savez(
+        tmp_path / "img.npz",
+        x_train=x_train,
+        y_train=np.arange(22) % 2,
+        x_test=x_test,
+        y_test=np.arange(6) % 2,
+        classes=np.array(["a", "b"]),
+    )
+    config = load_config("demo", ["validation.size=0", "surgery.unlabeled_size='all'"])
+    task = load_task("img", str(tmp_path / "img.npz"), tmp_path)
+    pool = unlabeled_pool(config, [task], tmp_path)
+    assert len(pool.pools[0]) == 20 and pool.dropped == [2]
+    assert content_hash(x_test[0]) == content_hash(x_test[0].copy())
+    assert content_hash(x_test[0]) != content_hash(x_test[0].reshape(16, 3))
+
+
+def test_test_is_the_transductive_protocol(tmp_path):
+    root = write_distinct_tasks(tmp_path / "data")
+    pool, tasks = _pool(root, "surgery.unlabeled='test'")
+    assert pool.protocol == "transductive"
+    assert pool.pools == [list(t.test.inputs) for t in tasks]
+    assert pool.overlap_with_test == 48  # every pool input is scored
+
+
+def test_a_user_pool_sharing_scored_test_inputs_is_refused(tmp_path):
+    root = write_distinct_tasks(tmp_path / "data")
     wild = tmp_path / "wild.txt"
-    wild.write_text("one wild line\n\nanother wild line\n")
-    pools = unlabeled_inputs(_cfg(f"surgery.unlabeled='{wild}'"), tasks, text_tasks)
-    assert pools == [["one wild line", "another wild line"]] * 2
+    wild.write_text("one wild line\nanother wild line\n")
+    pool, _ = _pool(root, f"surgery.unlabeled='{wild}'")
+    assert pool.protocol == "inductive"
+    assert pool.pools == [["one wild line", "another wild line"]] * 2
+    test_line = distinct_rows(ANIMALS, 24, 1, 1000)[3][0]
+    wild.write_text(f"one wild line\n{test_line}\n")
+    with pytest.raises(UserError, match="shares 1 inputs with the scored test splits") as err:
+        _pool(root, f"surgery.unlabeled='{wild}'")
+    assert 'surgery.unlabeled = "test"' in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(UserError, match="'task:colours' shares 24 inputs"):
+        _pool(root, "surgery.unlabeled='task:colours'")
     with pytest.raises(UserError, match="no task named 'nope'"):
-        unlabeled_inputs(_cfg("surgery.unlabeled='task:nope'"), tasks, text_tasks)
+        _pool(root, "surgery.unlabeled='task:nope'")
+
+
+def test_another_tasks_unscored_inputs_are_an_inductive_pool(tmp_path):
+    root = write_distinct_tasks(tmp_path / "data")
+    (root / "wild.txt").write_text("first wild input\nsecond wild input\n")
+    pool, _ = _pool(
+        root, "surgery.unlabeled='task:wild'", names=("animals", "colours", "wild=wild.txt")
+    )
+    assert pool.protocol == "inductive" and pool.pools[0] == [
+        "first wild input",
+        "second wild input",
+    ]
+
+
+def test_a_task_without_a_train_split(tmp_path):
+    """Its labelled test inputs are scored, so the inductive default cannot use them (a
+    one-line error naming the ways out); inputs without labels are scored by nothing, so they
+    are its pool."""
+    root = write_distinct_tasks(tmp_path / "data")
+    (root / "only-test").mkdir()
+    (root / "only-test" / "test.jsonl").write_text(
+        '{"text": "a cat here", "label": 0}\n{"text": "a bus here", "label": 1}\n'
+    )
+    with pytest.raises(UserError, match="task 'only-test' has no train split") as err:
+        _pool(root, names=("animals", "only-test"))
+    assert "pool file" in str(err.value) and 'surgery.unlabeled = "test"' in str(err.value)
+    (root / "lines.txt").write_text("an unlabeled input\nanother unlabeled input\n")
+    pool, _ = _pool(root, names=("animals", "lines=lines.txt"))
+    assert pool.origins == ["train", "inputs"] and pool.pools[1] == [
+        "an unlabeled input",
+        "another unlabeled input",
+    ]
+
+
+def test_a_pool_with_no_usable_rows_is_refused(tmp_path):
+    root = tmp_path / "data"
+    rows = distinct_rows(ANIMALS, 12, 0, 0)
+    write_text_task(root / "animals", ["animal", "vehicle"], rows, rows)  # train == test
+    with pytest.raises(UserError, match="no usable unlabeled inputs for the inductive pool"):
+        _pool(root, "validation.size=0", names=("animals",))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("surgery.unlabeled='inductive'", "names the pool, not the protocol"),
+        ("surgery.unlabeled='tset'", "unknown surgery.unlabeled 'tset'"),
+        ("surgery.unlabeled='task:'", "names no task"),
+        ("surgery.unlabeled_size=0", "unlabeled_size must be"),
+        ("surgery.unlabeled_size='many'", "unlabeled_size must be"),
+    ],
+)
+def test_bad_pool_settings_fail_when_the_config_loads(override, message):
+    with pytest.raises(UserError, match=message):
+        load_config("demo", [override])
