@@ -28,21 +28,22 @@ def test_wilson_hand_computed():
         stats.wilson(11, 10)
 
 
-def test_average_interval_is_agresti_coull_for_one_task_and_the_variance_sum_for_many():
+def test_average_interval_hand_computed():
     z2 = stats.Z95**2
-    p, m = (8 + z2 / 2) / (10 + z2), 10 + z2  # 0.71674 over 13.8415 rows
+    # one task, 8/10: p̃ = (8 + z²/2) / (10 + z²) = 0.71674 over ñ = 13.8415 rows
+    p, m = (8 + z2 / 2) / (10 + z2), 10 + z2
     half = stats.Z95 * math.sqrt(p * (1 - p) / m)
-    assert stats.average_interval([(8, 10)]) == pytest.approx((p - half, p + half))
-    wilson = stats.wilson(8, 10)
-    lo, hi = stats.average_interval([(8, 10)])
-    assert lo <= wilson[0] and wilson[1] <= hi  # Agresti–Coull contains Wilson
-    # two tasks: Var(avg) = Σ p̃(1-p̃)/ñ / T²; independent of the tasks' order
+    assert half == pytest.approx(0.237373, abs=1e-6)
+    assert stats.average_interval([(8, 10)]) == pytest.approx((0.8 - half, 1.0))  # clipped
+    # two tasks: centred on the mean of the accuracies, Var(avg) = Σ p̃(1-p̃)/ñ / T²
     counts = [(900, 1000), (40, 200)]
     adj = [((k + z2 / 2) / (n + z2), n + z2) for k, n in counts]
-    centre = (adj[0][0] + adj[1][0]) / 2
     half = stats.Z95 * math.sqrt(sum(q * (1 - q) / n for q, n in adj)) / 2
-    assert stats.average_interval(counts) == pytest.approx((centre - half, centre + half))
+    assert stats.average_interval(counts) == pytest.approx((0.55 - half, 0.55 + half))
     assert stats.average_interval(counts[::-1]) == pytest.approx(stats.average_interval(counts))
+    # four tasks at 100 %: still a width, and the average stays inside
+    lo, hi = stats.average_interval([(50, 50)] * 4)
+    assert 0.95 < lo < 1.0 and hi == 1.0
 
 
 def test_ci95_of_a_row():
@@ -57,7 +58,7 @@ def test_ci95_of_a_row():
     assert out["c"] == [0.722467, 1.0]
     expected = stats.average_interval([(8, 10), (10, 10)])
     assert out["avg"] == pytest.approx(list(expected), abs=1e-6)
-    assert out["avg"][0] < 0.9 < out["avg"][1]
+    assert out["avg"][0] < 0.9 < out["avg"][1]  # the average of 0.8 and 1.0
     assert stats.ci95({"a": None})["avg"] is None
 
 

@@ -1,27 +1,93 @@
-"""Results: rows, the paper-form table and its footnote, results.json."""
+"""Results: rows with their 95 % intervals, gap closure and paired comparisons, the
+paper-form table and its footnotes, results.json."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from modeldir import write_json_atomic
 
 from ..data.validation import ValidationSet
 from ..merging.search import SearchResult
+from . import stats
+from .evaluate import Evaluation
 
 NO_LABELS = "no labels"  # the table's cell for a task without a labelled test split
+INDIVIDUAL = "individual/none"
 
 
-def results_row(method: str, surgery: str, acc: dict[str, float | None]) -> dict:
-    """One row; ``acc[task]`` is None for a task without test labels, and ``avg`` is the mean
-    over the scored tasks (None when no task is)."""
-    scored = [v for v in acc.values() if v is not None]
-    avg = sum(scored) / len(scored) if scored else None
-    return {"method": method, "surgery": surgery, "acc": acc, "avg": avg}
+def results_row(method: str, surgery: str, evaluation: Evaluation) -> dict:
+    """One row of results.json: ``acc[task]`` (None for a task without test labels), ``avg``
+    the mean over the scored tasks (None when no task is), and ``ci95``: each accuracy's
+    95 % interval, ``{task: [lo, hi], ..., "avg": [lo, hi]}`` (see :mod:`.stats`)."""
+    return {
+        "method": method,
+        "surgery": surgery,
+        "acc": evaluation.acc,
+        "avg": evaluation.avg,
+        "ci95": stats.ci95(evaluation.correct),
+    }
 
 
-def _cell(value: float | None) -> str:
-    return NO_LABELS if value is None else f"{100 * value:.1f}"
+def row_key(row: dict) -> str:
+    """``<method>/<surgery>``: how results.json's ``bias``, ``gap_closure`` and
+    ``comparisons`` name a row."""
+    return f"{row['method']}/{row['surgery']}"
+
+
+def paired_statistics(
+    rows: list[dict],
+    correct: Mapping[str, stats.Correct],
+    seed: int,
+    validation_scores: Mapping[str, float] | None = None,
+) -> dict:
+    """results.json's ``gap_closure`` and ``comparisons``, from every row's per-row test
+    correctness ``correct[row_key]`` (all rows were scored on the same test rows).
+
+    - ``gap_closure["<method>/<mode>"]``: every merged + surgery row against its plain merge
+      (``<method>/none``) and the experts, with its paired-bootstrap 95 % interval.
+    - ``comparisons``: the best surgered row against ``individual`` by the paired test. "Best"
+      is chosen on VALIDATION (``validation_scores[row_key]``, the bundle choice's scores)
+      so that the row compared was not picked for its test number; without validation
+      scores it falls back to the highest test average, and says so (``chosen_by``).
+    """
+    keyed = {row_key(r): r for r in rows}
+    closure: dict[str, dict] = {}
+    if INDIVIDUAL in correct:
+        for key, row in keyed.items():
+            plain = f"{row['method']}/none"
+            if row["surgery"] == "none" or plain not in correct or key not in correct:
+                continue
+            result = stats.gap_closure(correct[key], correct[plain], correct[INDIVIDUAL], seed)
+            closure[key] = {"merged": plain, **result.to_json()}
+    comparisons = []
+    surgered = [k for k, r in keyed.items() if r["surgery"] != "none" and k in correct]
+    if INDIVIDUAL in correct and surgered:
+        scores = validation_scores or {}
+        if all(k in scores and scores[k] is not None for k in surgered):
+            best, chosen_by = max(surgered, key=lambda k: scores[k]), "validation"
+        else:
+            best = max(surgered, key=lambda k: _test_avg(keyed[k]))
+            chosen_by = "test (no validation scores): the interval and p-value are optimistic"
+        if keyed[best]["avg"] is not None:
+            result = stats.compare(correct[best], correct[INDIVIDUAL], best, "individual")
+            comparisons.append({"chosen_by": chosen_by, **result.to_json()})
+    return {"gap_closure": closure, "comparisons": comparisons}
+
+
+def _test_avg(row: dict) -> float:
+    return -1.0 if row["avg"] is None else row["avg"]
+
+
+def _cell(value: float | None, interval: list[float] | None) -> str:
+    """``89.0±0.7``: the accuracy and the larger side of its 95 % interval, in points."""
+    if value is None:
+        return NO_LABELS
+    if interval is None:
+        return f"{100 * value:.1f}"
+    half = max(value - interval[0], interval[1] - value)
+    return f"{100 * value:.1f}±{100 * half:.1f}"
 
 
 def row_label(row: dict) -> str:
@@ -31,20 +97,81 @@ def row_label(row: dict) -> str:
 
 
 def format_table(tasks: list[str], rows: list[dict]) -> str:
-    """The paper's form: one row per method, tasks as columns, Avg last, percentages; a task
-    without test labels reads "no labels" (and is left out of Avg)."""
+    """The paper's form: one row per method, tasks as columns, Avg last, percentages, each
+    with the larger side of its 95 % interval (``89.0±0.7``); a task without test labels
+    reads "no labels" (and is left out of Avg)."""
+    cells = [
+        [_cell(r["acc"][t], r.get("ci95", {}).get(t)) for t in tasks]
+        + ["-" if r["avg"] is None else _cell(r["avg"], r.get("ci95", {}).get("avg"))]
+        for r in rows
+    ]
     first = max(len("Method"), *(len(row_label(r)) for r in rows))
-    unscored = any(r["acc"][t] is None for r in rows for t in tasks)
-    widths = [max(len(NO_LABELS) if unscored else 6, len(t)) for t in tasks]
-    header = " | ".join(
-        ["Method".ljust(first), *(t.rjust(w) for t, w in zip(tasks, widths)), "Avg".rjust(6)]
-    )
+    names = [*tasks, "Avg"]
+    widths = [max(len(n), *(len(c[i]) for c in cells)) for i, n in enumerate(names)]
+    header = " | ".join(["Method".ljust(first), *(n.rjust(w) for n, w in zip(names, widths))])
     lines = [header, "-" * len(header)]
-    for row in rows:
-        cells = [_cell(row["acc"][t]).rjust(w) for t, w in zip(tasks, widths)]
-        avg = "-" if row["avg"] is None else f"{100 * row['avg']:.1f}"
-        lines.append(" | ".join([row_label(row).ljust(first), *cells, avg.rjust(6)]))
+    for row, line in zip(rows, cells, strict=True):
+        lines.append(
+            " | ".join([row_label(row).ljust(first), *(c.rjust(w) for c, w in zip(line, widths))])
+        )
     return "\n".join(lines)
+
+
+def interval_footnote() -> str:
+    """What the table's ``±`` means."""
+    return (
+        "±: the larger side of the 95 % interval (Wilson per task; Avg: the mean of the "
+        "tasks' accuracies, variance summed over tasks)"
+    )
+
+
+def protocol_line(unlabeled: Mapping | None) -> str | None:
+    """Which inputs surgery (and AdaMerging) learned from, from results.json's
+    ``unlabeled``: ``surgery learned from: train inputs without labels (inductive, 1800
+    rows per task, 0 shared with test)``; None when the run recorded no pool."""
+    if not unlabeled:
+        return None
+    counts = sorted(set((unlabeled.get("rows") or {}).values()))
+    rows = (
+        ""
+        if not counts
+        else f", {counts[0]} rows per task"
+        if len(counts) == 1
+        else f", {counts[0]}-{counts[-1]} rows per task"
+    )
+    overlap = unlabeled.get("overlap_with_test")
+    shared = "" if overlap is None else f", {overlap} shared with test"
+    return (
+        f"surgery learned from: {unlabeled.get('source')} "
+        f"({unlabeled.get('protocol')}{rows}{shared})"
+    )
+
+
+def summary_line(suite: str, rows: list[dict], paired: dict) -> str:
+    """The run's one-line verdict: the compared row's average with its interval, its gap
+    closure with its interval, and the paired test against the experts."""
+    comparison = (paired.get("comparisons") or [None])[0]
+    individual = next((r for r in rows if row_key(r) == INDIVIDUAL), None)
+    if comparison is None or individual is None:
+        return ""
+    key = comparison["a"]
+    row = next(r for r in rows if row_key(r) == key)
+    text = f"{suite}: {row_label(row)} {_avg_text(row)}"
+    closure = paired["gap_closure"].get(key)
+    if closure is not None and closure["value"] is not None:
+        ci = closure["ci95"]
+        interval = "" if ci is None else f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
+        text += f", gap closure {100 * closure['value']:.0f} %{interval}"
+    chosen = "chosen on validation" if comparison["chosen_by"] == "validation" else "best on test"
+    return (
+        f"{text} ({chosen}) vs individual {_avg_text(individual)}: {comparison['verdict']} "
+        f"({100 * comparison['difference']:+.1f} points, paired p = "
+        f"{stats.p_text(comparison['p_value'])})"
+    )
+
+
+def _avg_text(row: dict) -> str:
+    return _cell(row["avg"], row.get("ci95", {}).get("avg"))
 
 
 def search_line(result: SearchResult, validation: ValidationSet, notes: list[str]) -> str:

@@ -55,19 +55,19 @@ def average_interval(counts: Sequence[tuple[int, int]], z: float = Z95) -> tuple
 
     The tasks' test rows are independent samples, so Var(avg) = Σ_t p_t(1−p_t)/n_t / T²
     exactly; this uses that closed form rather than a bootstrap over rows (the same answer
-    to within resampling noise, deterministic and O(T)). Each p_t is Agresti–Coull adjusted,
-    p̃_t = (k_t + z²/2) / (n_t + z²) over ñ_t = n_t + z² rows, so a task at 0 % or 100 % still
-    contributes its uncertainty (with one task this IS the Agresti–Coull interval, which
-    contains Wilson's); the interval is centred on the mean of the p̃_t and clipped to [0, 1].
+    to within resampling noise, deterministic and O(T)). The variance takes each p_t
+    Agresti–Coull adjusted, p̃_t = (k_t + z²/2) / (n_t + z²) over ñ_t = n_t + z² rows, so a
+    task at 0 % or 100 % still contributes its uncertainty; the interval is centred on the
+    reported average itself (so it always contains it) and clipped to [0, 1].
     """
     counts = [(k, n) for k, n in counts if n > 0]
     if not counts:
         return 0.0, 1.0
     t = len(counts)
+    mean = sum(k / n for k, n in counts) / t
     adjusted = [((k + z * z / 2) / (n + z * z), n + z * z) for k, n in counts]
-    centre = sum(p for p, _ in adjusted) / t
     half = z * math.sqrt(sum(p * (1 - p) / m for p, m in adjusted)) / t
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return max(0.0, mean - half), min(1.0, mean + half)
 
 
 def ci95(correct: Correct) -> dict[str, list[float] | None]:
@@ -241,11 +241,11 @@ class Comparison:
         """``beats individual (+0.3 points, p = 0.021)``: the verdict as a phrase."""
         return (
             f"{self.verdict} {self.b} ({100 * self.difference:+.1f} points, "
-            f"p = {_p_text(self.p_value)})"
+            f"p = {p_text(self.p_value)})"
         )
 
 
-def _p_text(p: float) -> str:
+def p_text(p: float) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
