@@ -101,6 +101,9 @@ def fit(config: Config, *, data_root: Path, cache: Path, out: Path, device: str 
     bias: dict[str, list[float]] = {}
     surgery_stats: dict[str, dict] = {}
     best = None  # (row, model, hparams) of the row the bundle will hold
+    # output.bundle = "best": every merged row is scored on the validation rows, never test
+    selecting = config.output.bundle == "best"
+    bundle_scores: dict[str, float] = {}
     chosen: dict[str, dict] = {}  # method -> the hyper-parameters it used, and its search
     for method in config.merge.methods:
         merged, hparams = exp.merged(method)
@@ -111,6 +114,8 @@ def fit(config: Config, *, data_root: Path, cache: Path, out: Path, device: str 
             if search is None
             else {"criterion": exp.validation.criterion, **search.to_json()},
         }
+        if method in exp.learned:
+            chosen[method]["learned"] = exp.learned[method]
         exp.lap("merge")
         for mode in sc.modes:
             if mode != "none" and method not in surgered:
@@ -129,19 +134,43 @@ def fit(config: Config, *, data_root: Path, cache: Path, out: Path, device: str 
             rows.append(results_row(method, mode, evaluation))
             correct[row_key(rows[-1])] = evaluation.correct
             exp.lap("eval")
-            if _chosen(config.output.bundle, rows[-1], best, bias):
+            key = f"{method}/{mode}"
+            if selecting:
+                bundle_scores[key] = exp.validation_score(model, key)
+                exp.lap("select")
+                # a tie keeps the earlier row: the plain merge before its surgery
+                if bundle_scores[key] > max([*bundle_scores.values()][:-1], default=-1.0):
+                    best = (rows[-1], model, hparams)
+            elif config.output.bundle == key:
                 best = (rows[-1], model, hparams)
 
     # ---- 5. outputs: the bias plot, the bundle, results.json, the table ----------------------
     out.mkdir(parents=True, exist_ok=True)
     plot_bias(out / "bias.png", bias, config.name)
+    # which row ships and why: chosen on validation (or agreement), or named by the config
+    bundle = None
+    if best is not None:
+        bundle = {
+            "row": f"{best[0]['method']}/{best[0]['surgery']}",
+            "criterion": exp.bundle_criterion() if selecting else "config",
+            "scores": bundle_scores,
+        }
+    unlabeled = None if exp.pool is None else exp.pool.record(exp.names)
     if best is not None:
         row, model, hparams = best
         merge_info = {"method": row["method"], "hparams": hparams}  # the values it used
         if row["method"] in exp.searches:
             merge_info["searched"] = exp.searches[row["method"]].searched
             merge_info["criterion"] = exp.validation.criterion
-        info = {"suite": config.name, "merge": merge_info, "accuracy": row}
+        info = {
+            "suite": config.name,
+            "merge": merge_info,
+            "accuracy": row,
+            "bundle": bundle,
+            "unlabeled": None
+            if unlabeled is None
+            else {k: unlabeled[k] for k in ("protocol", "source", "rows")},
+        }
         pools = [
             pool if pool is not None and len(pool) else task.test.inputs
             for pool, task in zip(exp.unlabeled or [None] * len(exp.tasks), exp.tasks, strict=True)
@@ -158,6 +187,8 @@ def fit(config: Config, *, data_root: Path, cache: Path, out: Path, device: str 
         "rows": rows,
         "merge": chosen,
         "validation": exp.validation_record(),
+        "unlabeled": unlabeled,
+        "bundle": bundle,
         "bias": bias,
         "surgery": surgery_stats,
         "timing_s": exp.timing,
@@ -181,25 +212,12 @@ def fit(config: Config, *, data_root: Path, cache: Path, out: Path, device: str 
         summary = summary_line(config.name, rows, results)
         print(
             (summary + "; " if summary else "")
-            + f"bundle row {best[0]['method']}/{best[0]['surgery']} "
+            + f"bundle row {bundle['row']} (by {bundle['criterion']}) "
             f"avg {_percent(best[0]['avg'])} vs individual {_percent(rows[0]['avg'])}; "
-            f"{sum(exp.timing.values()):.0f} s on {exp.device}"
+            + ("" if exp.pool is None else f"unlabeled pool {exp.pool.describe()}; ")
+            + f"{sum(exp.timing.values()):.0f} s on {exp.device}"
         )
     return results
-
-
-def _chosen(choice: str, row: dict, best, bias: dict[str, list[float]]) -> bool:
-    """Is ``row`` the one the bundle should hold? ``best`` = highest average merged row, or
-    when no task has test labels, the row closest to the experts (lowest final bias)."""
-    if choice == "best":
-        return best is None or _score(row, bias) > _score(best[0], bias)
-    return choice == f"{row['method']}/{row['surgery']}"
-
-
-def _score(row: dict, bias: dict[str, list[float]]) -> float:
-    if row["avg"] is not None:
-        return row["avg"]
-    return -bias[f"{row['method']}/{row['surgery']}"][-1]
 
 
 def _percent(value: float | None) -> str:

@@ -48,7 +48,18 @@ def test_fit_writes_results_bundle_and_table(tiny_config, tmp_path, capsys):
         assert sha256_file(out / "bundle" / name) == digest
     model, _ = load_bundle(out / "bundle")
     assert model.task_names == ["animals", "colours"]
-    assert manifest["accuracy"]["avg"] == max(r["avg"] for r in results["rows"][1:])
+    # the bundle row: the best VALIDATION average over every merged row, "none" rows included
+    bundle = results["bundle"]
+    assert bundle["criterion"] == "validation" and manifest["bundle"] == bundle
+    merged = [f"{r['method']}/{r['surgery']}" for r in results["rows"][1:]]
+    assert list(bundle["scores"]) == merged
+    assert bundle["row"] == max(merged, key=lambda k: (bundle["scores"][k], -merged.index(k)))
+    shipped = next(r for r in results["rows"] if f"{r['method']}/{r['surgery']}" == bundle["row"])
+    assert manifest["accuracy"]["avg"] == shipped["avg"]
+    assert results["unlabeled"]["protocol"] == "transductive"  # the fixture's pool is test
+    assert manifest["unlabeled"] == {
+        k: results["unlabeled"][k] for k in ("protocol", "source", "rows")
+    }
     # a seeded sample of the real inputs surgery learned from travels with the bundle
     assert manifest["samples"]["file"] == "samples.json"
     sample = read_samples(out / "bundle", manifest, ["animals", "colours"])
