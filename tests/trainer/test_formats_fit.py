@@ -4,6 +4,7 @@ merged and repaired end to end, a task with no labels at all, and the one-line r
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,3 +154,51 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, text_tasks, bert, cap
         assert _run(_config(tmp_path, bert, tasks, pooling), tmp_path) == 2
         assert expected in _error(capsys)
         assert not (tmp_path / "out").exists() and not (tmp_path / "cache" / "experts").exists()
+
+
+@torch.no_grad()
+def _library_predictions(folder, texts) -> list[str]:
+    """The class NAMES transformers predicts for ``texts`` (through its id2label)."""
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    batch = AutoTokenizer.from_pretrained(folder)(
+        texts, truncation=True, max_length=16, padding=True, return_tensors="pt"
+    )
+    return [model.config.id2label[int(i)] for i in model(**batch).logits.argmax(-1)]
+
+
+def test_an_expert_with_the_classes_in_another_order(tmp_path, text_tasks, bert, capsys, caplog):
+    """The colours expert's id2label is colour, mood, furniture; this task's labels.json lists
+    them reversed. Its labels are the expert's own predictions (by name) on 3 rows in 4, so
+    transformers scores it 75 %: the individual row must read the same, not the ~0-33 % a
+    silently permuted head would."""
+    texts = [f"the {w} was here today" for w in ("red", "sad", "table", "cat", "blue") * 6]
+    names = list(reversed(CLASSES["colours"]))
+    predicted = _library_predictions(bert / "colours", texts)
+    labels = [
+        names.index(p) if i % 4 else (names.index(p) + 1) % 3 for i, p in enumerate(predicted)
+    ]
+    folder = text_tasks / "reversed"
+    folder.mkdir()
+    (folder / "labels.json").write_text(json.dumps(names))
+    rows = [json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(texts, labels)]
+    (folder / "test.jsonl").write_text("".join(rows))
+    want = float(np.mean([names[y] == p for y, p in zip(labels, predicted)]))
+    assert want == pytest.approx(0.75, abs=0.05)
+    unmapped = float(
+        np.mean([names[y] == names[CLASSES["colours"].index(p)] for y, p in zip(labels, predicted)])
+    )
+    assert abs(unmapped - want) > 0.3  # what the old count-only check reported
+
+    tasks = _tasks(bert, animals="{data}/animals") + (
+        f'[[tasks]]\nname = "colours"\npath = "{{data}}/reversed"\nexpert = "{bert / "colours"}"\n'
+    )
+    config = _config(tmp_path, bert, tasks)
+    text = Path(config).read_text().replace('"none", "surgeryv2"', '"none"')
+    text = text.replace("[surgery]\n", '[surgery]\nunlabeled = "test"\n')  # no train split
+    Path(config).write_text(text.replace('"task_arithmetic"', '"weight_averaging"'))
+    caplog.set_level("INFO", logger="deepsurgery")
+    assert _run(config, tmp_path) == 0
+    individual = json.loads((tmp_path / "out" / "results.json").read_text())["rows"][0]
+    assert individual["acc"]["colours"] == pytest.approx(want, abs=1e-6)
+    lines = [r.getMessage() for r in caplog.records if "another order" in r.getMessage()]
+    assert len(lines) == 1 and "(colour, mood, furniture)" in lines[0]

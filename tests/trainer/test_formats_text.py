@@ -19,7 +19,7 @@ from trainer.backbones import HFTextBackbone
 from trainer.backbones.hf_text import minilm_dir
 from trainer.errors import UserError
 from trainer.experts.formats import ExpertSource, load_expert
-from trainer.experts.formats.registry import write_head_file
+from trainer.experts.formats.registry import class_key, write_head_file
 from trainer.surgery.model import Heads, MultiTaskModel, TaskHead
 
 TASKS = {"sentiment": ["neg", "pos"], "topic": ["a", "b", "c"]}
@@ -208,3 +208,91 @@ def test_regressor_unsupported_module_and_missing_head(tmp_path, bert, bert_base
     modules.append({"idx": 3, "name": "3", "path": "3_Dense", "type": "x.models.Dense"})
     (tmp_path / "st" / "modules.json").write_text(json.dumps(modules))
     assert "module Dense is not supported" in _message(_source(tmp_path / "st", bert_base))
+
+
+# ---- class names matched to the task's ------------------------------------------------------
+
+
+def _logits(folder, loaded) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ours, the library's) logits of TEXTS: the loaded expert on a fresh base backbone, and
+    the transformers classifier in ``folder``."""
+    base = HFTextBackbone(folder, max_length=16, pooling="cls")
+    with torch.no_grad():
+        ours = _expert_model(base, loaded)(
+            base.collate(TEXTS), torch.zeros(len(TEXTS), dtype=torch.long)
+        )
+        library = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        return ours, library(**base.collate(TEXTS)).logits
+
+
+@pytest.mark.parametrize("task", [["c", "b", "a"], ["b", "c", "a"]], ids=["reversed", "cycled"])
+def test_classes_in_another_order_are_remapped(bert, bert_base, task, caplog):
+    """The expert's id2label is a, b, c; the task lists the same names in another order: the
+    head's rows are reordered so that output i is the task's class i."""
+    caplog.set_level("INFO", logger="deepsurgery")
+    loaded = load_expert(_source(bert / "topic", bert_base, task))
+    assert loaded.classes == task
+    ours, library = _logits(bert / "topic", loaded)
+    assert library.abs().max() > 0.5 and not torch.allclose(ours, library, atol=1e-3)
+    order = [["a", "b", "c"].index(name) for name in task]
+    torch.testing.assert_close(ours, library[:, order], atol=1e-5, rtol=0)
+    lines = [r.getMessage() for r in caplog.records if "another order" in r.getMessage()]
+    assert len(lines) == 1 and "(a, b, c)" in lines[0] and f"({', '.join(task)})" in lines[0]
+
+
+def test_names_are_compared_case_and_spacing_blind(bert, bert_base, caplog):
+    caplog.set_level("INFO", logger="deepsurgery")
+    loaded = load_expert(_source(bert / "topic", bert_base, [" A", "b ", "C"]))
+    assert loaded.classes == [" A", "b ", "C"]  # the same order: nothing to say
+    assert not [r for r in caplog.records if r.name == "deepsurgery"]
+    ours, library = _logits(bert / "topic", loaded)
+    torch.testing.assert_close(ours, library, atol=1e-5, rtol=0)
+    assert class_key("Sci/Tech") == class_key("sci/tech")
+    assert class_key("annual_crop") == class_key("Annual  Crop") == class_key("annual-crop")
+    assert class_key("sci") != class_key("science")
+
+
+def test_class_names_that_are_not_the_tasks_are_refused(bert, bert_base):
+    message = _message(_source(bert / "topic", bert_base, ["a", "b", "x"]))
+    assert "its classes (a, b, c) are not those of task 't' (a, b, x)" in message
+    assert "'c' is not among them" in message and "id2label" in message
+    # names that differ only in case are compared case-sensitively (here: "c" is missing)
+    assert "'c' is not among them" in _message(_source(bert / "topic", bert_base, "abB"))
+    assert "task 't' names class 'b ' twice" in _message(
+        _source(bert / "topic", bert_base, ["a", "b", "b "])
+    )
+
+
+def test_generic_label_names_keep_the_index_order(tmp_path, bert, bert_base, caplog):
+    """A classifier saved without id2label names its classes LABEL_0, LABEL_1, ... (what
+    transformers writes by default): its outputs are the task's classes in index order."""
+    config = FAMILIES["bert"]()
+    config.num_labels = 3
+    assert config.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
+    torch.manual_seed(5)
+    model = AutoModelForSequenceClassification.from_config(config)
+    model.save_pretrained(copy_tokenizer(tmp_path / "generic"))
+    caplog.set_level("INFO", logger="deepsurgery")
+    loaded = load_expert(_source(tmp_path / "generic", bert_base, ["x", "y", "z"]))
+    assert loaded.classes == ["x", "y", "z"]
+    ours, library = _logits(tmp_path / "generic", loaded)
+    torch.testing.assert_close(ours, library, atol=1e-5, rtol=0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "deepsurgery"]
+    assert len(lines) == 1 and "LABEL_0, LABEL_1, LABEL_2 are generic" in lines[0]
+    assert "index order" in lines[0]
+
+
+def test_a_head_file_names_its_classes_in_another_order(tmp_path, bert_base, caplog):
+    head = _random_head(3, 384, 1.0)
+    write_head_file(tmp_path / "head.safetensors", head, ["p", "q", "r"])
+    base = HFTextBackbone(minilm_dir(), max_length=128, pooling="mean")
+    source = _source(minilm_dir(), base, ["r", "p", "q"], str(tmp_path / "head.safetensors"))
+    loaded = load_expert(source)
+    torch.testing.assert_close(loaded.head.weight, head.weight[[2, 0, 1]])
+    torch.testing.assert_close(loaded.head.bias, head.bias[[2, 0, 1]])
+    caplog.set_level("INFO", logger="deepsurgery")
+    write_head_file(tmp_path / "unnamed.safetensors", head)  # no names: taken in order
+    source = _source(minilm_dir(), base, ["r", "p", "q"], str(tmp_path / "unnamed.safetensors"))
+    torch.testing.assert_close(load_expert(source).head.weight, head.weight)
+    lines = [r.getMessage() for r in caplog.records if r.name == "deepsurgery"]
+    assert len(lines) == 1 and "names no classes" in lines[0]

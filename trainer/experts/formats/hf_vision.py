@@ -87,7 +87,8 @@ def load(source: ExpertSource) -> LoadedExpert:
         if base.family != "clip":
             raise UserError(f'{where}: head = "zeroshot" needs a CLIP model, this is {base.family}')
         weight, bias = zeroshot_head(source.classes, source.base_path, source.task)
-        return LoadedExpert(state, TaskHead(weight.float(), bias.float()), normalize=True)
+        head = TaskHead(weight.float(), bias.float())  # built from the task's names, in order
+        return LoadedExpert(state, head, classes=list(source.classes), normalize=True)
     if not source.head and any(a.endswith("ForImageClassification") for a in architectures):
         head, classes = _classifier(source.path, where)
         return LoadedExpert(state, head, classes=classes, normalize=base.normalize_head)

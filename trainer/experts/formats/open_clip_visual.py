@@ -84,6 +84,7 @@ def load(source: ExpertSource) -> LoadedExpert:
     tensors = read_state(source.path, source.where)
     state = {f"visual.{tower}": tensors[key] for key, tower in visual_keys(tensors).items()}
     if source.head == ZEROSHOT:
-        return LoadedExpert(state, zeroshot(source, base.model_name), normalize=True)
+        head = zeroshot(source, base.model_name)  # built from the task's names, in its order
+        return LoadedExpert(state, head, classes=list(source.classes), normalize=True)
     head, classes, normalize = linear_head(source, source.path.parent / HEAD_FILE, True)
     return LoadedExpert(state, head, classes=classes, normalize=normalize)

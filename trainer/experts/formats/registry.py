@@ -4,8 +4,9 @@ files, cheaply) and a loader (-> the backbone weights in the BASE backbone's key
 the task's head: the expert's own classification path, which is never merged).
 
 What every format shares lives here: reading safetensors and torch files with one-line errors,
-the linear head file, and the checks of a loaded expert against the base (architecture,
-tensor names and shapes, pooling, head width, class count), all before any training.
+the linear head file, the checks of a loaded expert against the base (architecture, tensor
+names and shapes, pooling, head width, class count), and the matching of the expert's class
+names to the task's (its head's rows reordered to the task's order), all before any training.
 
 The head file (``head.safetensors``): a safetensors file with ``weight`` [C, F] and ``bias``
 [C] (optional, zeros), and optional metadata ``classes`` (a JSON list of the C class names)
@@ -15,7 +16,10 @@ and ``normalize`` ("true" when the head reads the L2-normalised feature).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import logging
+import re
+import unicodedata
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +31,8 @@ from ...backbones import Backbone
 from ...errors import UserError
 from ...surgery.model import TaskHead
 from ..checkpoints import StateDict, check_compatible
+
+log = logging.getLogger("deepsurgery")
 
 HEAD_FILE = "head.safetensors"
 ZEROSHOT = "zeroshot"  # a task's head = "zeroshot": built from its class names (CLIP)
@@ -110,6 +116,7 @@ def load_expert(source: ExpertSource, format_name: str = "") -> LoadedExpert:
     loaded = fmt.load(source)
     loaded.format = fmt.name
     check_against_base(loaded, source)
+    match_classes(loaded, source)
     return loaded
 
 
@@ -141,6 +148,111 @@ def check_against_base(loaded: LoadedExpert, source: ExpertSource) -> None:
             f"{len(source.classes)} ({', '.join(source.classes[:4])}"
             f"{', ...' if len(source.classes) > 4 else ''}); point the task at its own expert"
         )
+
+
+# ---- class names ---------------------------------------------------------------------------
+
+# transformers names the classes of a config made without id2label LABEL_0, LABEL_1, ...
+GENERIC_NAME = re.compile(r"label_(\d+)")
+LISTED = 20  # class names an error line lists per side before "..."
+
+
+def class_key(name: str) -> str:
+    """How two class names are compared: Unicode NFKC, case-folded, ``_`` and ``-`` read as
+    spaces, runs of whitespace collapsed, ends stripped. So "Sci/Tech" is "sci/tech" and
+    "annual_crop" is "Annual Crop", while "sci" and "science" stay different: names that only
+    spelling conventions separate match, nothing is guessed."""
+    text = unicodedata.normalize("NFKC", name).casefold().replace("_", " ").replace("-", " ")
+    return " ".join(text.split())
+
+
+def is_generic(names: Sequence[str]) -> bool:
+    """``LABEL_0``, ``LABEL_1``, ... in index order: names that say nothing of the classes."""
+    return all(
+        (m := GENERIC_NAME.fullmatch(class_key(n).replace(" ", "_"))) and int(m[1]) == i
+        for i, n in enumerate(names)
+    )
+
+
+def _keys(names: Sequence[str]) -> list[str] | None:
+    """The names as compared: normalised (``class_key``), or merely stripped where the
+    normalisation would make two of them one; None when even those repeat."""
+    for key in (class_key, str.strip):
+        keys = [key(n) for n in names]
+        if len(set(keys)) == len(keys):
+            return keys
+    return None
+
+
+def _listed(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:LISTED])
+    return f"{shown}, ... ({len(names)} in all)" if len(names) > LISTED else shown
+
+
+def class_order(expert: Sequence[str], task: Sequence[str], where: str, name: str) -> list[int]:
+    """For each of the task's classes, the index of the expert's class of that name (equal
+    under ``class_key``); a one-line error listing both when the names are not one set."""
+    keys, wanted = _keys(expert), _keys(task)
+    for names, got, whose in ((expert, keys, "the expert"), (task, wanted, f"task '{name}'")):
+        if got is None:
+            twice = next(n for i, n in enumerate(names) if n.strip() in map(str.strip, names[:i]))
+            raise UserError(
+                f"{where}: {whose} names class '{twice}' twice; give every class its own name"
+            )
+    index = {k: i for i, k in enumerate(keys)}
+    if set(index) != set(wanted):
+        unmatched = [n for n, k in zip(expert, keys) if k not in set(wanted)]
+        raise UserError(
+            f"{where}: its classes ({_listed(expert)}) are not those of task '{name}' "
+            f"({_listed(task)}): '{unmatched[0]}' is not among them; rename the classes of one "
+            "side (the task's labels.json / classes, or the expert's id2label / head file) so "
+            "that the same names mean the same classes"
+        )
+    return [index[k] for k in wanted]
+
+
+def match_classes(loaded: LoadedExpert, source: ExpertSource) -> None:
+    """Make the expert's head answer in the task's class order: its classes are matched to
+    the task's by name (``class_key``) and the head's output rows (weight and bias) reordered
+    so that row i is the task's class i. Logged once when anything is assumed or reordered:
+    generic names (``LABEL_i``) and an expert that names no classes are taken in index order.
+    Names that are not the task's are refused (``class_order``). A task whose data names no
+    classes takes the expert's names as they are."""
+    if not source.classes:
+        return
+    expert, task = loaded.classes, list(source.classes)
+    if expert is None:
+        log.info(
+            "%s names no classes: its head's %d outputs are taken as the task's classes in "
+            "order (%s)",
+            source.where,
+            len(task),
+            _listed(task),
+        )
+        return
+    if is_generic(expert) or is_generic(task):
+        if expert != task:
+            log.info(
+                "%s: class names %s are generic; its outputs are taken in index order as the "
+                "task's %s",
+                source.where,
+                _listed(expert if is_generic(expert) else task),
+                _listed(task if is_generic(expert) else expert),
+            )
+        loaded.classes = task
+        return
+    order = class_order(expert, task, source.where, source.task)
+    if order != list(range(len(order))):
+        head = loaded.head
+        head.weight, head.bias = head.weight[order].clone(), head.bias[order].clone()
+        log.info(
+            "%s lists the task's classes in another order (%s); its head's rows are "
+            "reordered to the task's (%s)",
+            source.where,
+            _listed(expert),
+            _listed(task),
+        )
+    loaded.classes = task
 
 
 # ---- reading files -------------------------------------------------------------------------
