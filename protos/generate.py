@@ -1,11 +1,13 @@
-"""Regenerate the Python stubs of protos/deepsurgery/v1/inference.proto.
+"""Regenerate the Python stubs of the served APIs: deepsurgery.v1 and the Open Inference
+Protocol (protos/inference/grpc_predict_v2.proto, package `inference`).
 
-    python -m protos.generate            # rewrite protos/deepsurgery/v1/*_pb2*.py
-    python -m protos.generate --out DIR  # write them under DIR/deepsurgery/v1/ instead
+    python -m protos.generate            # rewrite protos/**/*_pb2*.py
+    python -m protos.generate --out DIR  # write them under DIR/ instead
 
-protoc writes `from deepsurgery.v1 import inference_pb2` into the grpc stub, which only works
-with protos/ on sys.path; `fix_imports` makes it a relative import so the stubs import as
-`protos.deepsurgery.v1`. tests/runtime/test_protos.py runs the same two steps and compares.
+protoc writes `from deepsurgery.v1 import inference_pb2` (and `from inference import ...`) into
+the grpc stubs, which only works with protos/ on sys.path; `fix_imports` makes them relative
+imports so the stubs import as `protos.deepsurgery.v1` and `protos.inference`.
+tests/runtime/test_protos.py runs the same two steps and compares.
 Needs grpcio-tools (the dev extra).
 """
 
@@ -17,13 +19,21 @@ import sys
 from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
-PROTO_FILES = ["deepsurgery/v1/inference.proto"]
-GENERATED = ["deepsurgery/v1/inference_pb2.py", "deepsurgery/v1/inference_pb2_grpc.py"]
+PROTO_FILES = ["deepsurgery/v1/inference.proto", "inference/grpc_predict_v2.proto"]
+GENERATED = [
+    "deepsurgery/v1/inference_pb2.py",
+    "deepsurgery/v1/inference_pb2_grpc.py",
+    "inference/grpc_predict_v2_pb2.py",
+    "inference/grpc_predict_v2_pb2_grpc.py",
+]
 
 
 def fix_imports(source: str) -> str:
-    """`from deepsurgery.v1 import x_pb2` -> `from . import x_pb2` (stubs live in one package)."""
-    return re.sub(r"^from deepsurgery\.v1 import ", "from . import ", source, flags=re.M)
+    """`from deepsurgery.v1 import x_pb2` -> `from . import x_pb2` (each proto's stubs live in
+    one package, named like the proto's folder)."""
+    return re.sub(
+        r"^from (?:deepsurgery\.v1|inference) import ", "from . import ", source, flags=re.M
+    )
 
 
 def generate(out_dir: Path) -> list[Path]:

@@ -33,14 +33,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from runtime.api import DeadlineExceeded, ResourceExhausted
+
 log = logging.getLogger("runtime.batcher")
 
 
-class DeadlineExpired(Exception):
+class DeadlineExpired(DeadlineExceeded):
     """The job's deadline passed while it waited in the queue; it was not run."""
 
 
-class QueueFull(Exception):
+class QueueFull(ResourceExhausted):
     """`max_queue` requests are already waiting; this one is refused (RESOURCE_EXHAUSTED)."""
 
 
@@ -107,6 +109,11 @@ class Batcher:
             "isolated_failures": 0,
             "rejected": 0,
         }
+
+    @property
+    def running(self) -> bool:
+        """True while the batching loop runs (started and neither closed nor crashed)."""
+        return self._task is not None and not self._task.done()
 
     @property
     def waiting(self) -> int:

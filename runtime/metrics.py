@@ -3,9 +3,10 @@
 Every metric lives in the server's own `CollectorRegistry` (several servers in one test process
 do not collide) together with the standard process collector (RSS, CPU, open fds). Names:
 
-- deepsurgery_requests_total{task,code}: Predict calls by task ("*", a task, or "unknown" for
-  names this model does not have, so clients cannot blow up the label set) and gRPC status
-- deepsurgery_request_latency_seconds{task}: Predict latency as the server sees it
+- deepsurgery_requests_total{task,code,protocol}: requests by task ("*", a task, or "unknown"
+  for names this model does not have, so clients cannot blow up the label set), gRPC status
+  and protocol (deepsurgery.v1, open-inference; a ModelInfer of N rows is one request)
+- deepsurgery_request_latency_seconds{task}: request latency as the server sees it
 - deepsurgery_queue_wait_seconds: time a job waited in the queue before its batch ran
 - deepsurgery_batch_rows: rows per graph execution (histogram)
 - deepsurgery_batch_inputs: distinct inputs per graph execution (histogram): a `*` request is
@@ -16,7 +17,7 @@ do not collide) together with the standard process collector (RSS, CPU, open fds
   deepsurgery_input_count_total and deepsurgery_average_inputs_per_execution likewise for
   distinct inputs
 - deepsurgery_queue_depth: requests waiting (preprocessing or queued); deepsurgery_queue_limit
-- deepsurgery_in_flight_requests: Predict calls being answered
+- deepsurgery_in_flight_requests: requests being answered
 - deepsurgery_model_version: the served version number (0: a plain model dir), with
   deepsurgery_model_info{version,path,tasks} = 1, and deepsurgery_model_reloads_total{result}
 """
@@ -47,13 +48,13 @@ class Metrics:
         ProcessCollector(registry=r)
         self.requests = Counter(
             "deepsurgery_requests",
-            "Predict calls by task and gRPC status",
-            ["task", "code"],
+            "Requests by task, gRPC status and protocol",
+            ["task", "code", "protocol"],
             registry=r,
         )
         self.latency = Histogram(
             "deepsurgery_request_latency_seconds",
-            "Predict latency (arrival to answer)",
+            "Request latency (arrival to answer)",
             ["task"],
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -104,7 +105,7 @@ class Metrics:
             "deepsurgery_queue_limit", "--max-queue (0: unbounded)", registry=r
         )
         self.in_flight = Gauge(
-            "deepsurgery_in_flight_requests", "Predict calls being answered", registry=r
+            "deepsurgery_in_flight_requests", "Requests being answered", registry=r
         )
         self.model_version = Gauge(
             "deepsurgery_model_version", "Served model version (0: a plain model dir)", registry=r
@@ -158,8 +159,10 @@ class Metrics:
         for w in waits:
             self.queue_wait.observe(max(0.0, w))
 
-    def observe_request(self, task: str, code: str, seconds: float) -> None:
-        self.requests.labels(task=task, code=code).inc()
+    def observe_request(
+        self, task: str, code: str, seconds: float, protocol: str = "deepsurgery.v1"
+    ) -> None:
+        self.requests.labels(task=task, code=code, protocol=protocol).inc()
         self.latency.labels(task=task).observe(seconds)
 
     def set_model(self, version: int | None, path: str, tasks: list[str]) -> None:

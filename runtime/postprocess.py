@@ -1,10 +1,10 @@
-"""Logits of one row -> a Prediction message (softmax over the task's own classes, top-k)."""
+"""Logits of one row -> a Prediction (softmax over the task's own classes, top-k)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from protos.deepsurgery.v1 import inference_pb2 as pb
+from runtime.api import Prediction
 from runtime.manifest import Task
 
 
@@ -15,16 +15,17 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum()
 
 
-def prediction(task: Task, logits: np.ndarray, top_k: int) -> pb.Prediction:
+def prediction(task: Task, logits: np.ndarray, top_k: int) -> Prediction:
     """One task's logits [num_classes] -> Prediction with the top_k (label, score) pairs."""
     probs = softmax(logits)
     k = min(top_k, task.num_classes)
     order = np.argsort(-probs, kind="stable")[:k]
     best = int(order[0]) if k else int(np.argmax(probs))
-    return pb.Prediction(
+    return Prediction(
         task=task.name,
         label=task.classes[best],
         score=float(probs[best]),
-        top=[pb.ScoredLabel(label=task.classes[i], score=float(probs[i])) for i in order],
-        logits=logits.tolist(),
+        top=[(task.classes[i], float(probs[i])) for i in order],
+        logits=logits,
+        probabilities=probs,
     )

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from runtime.api import InvalidArgument
 from runtime.manifest import ModelSpec
 
 MAX_IMAGE_PIXELS = 40_000_000  # ~6300x6300; beyond this decoding alone would stall a worker
@@ -32,7 +33,7 @@ _INTERPOLATION = {
 }
 
 
-class InputError(ValueError):
+class InputError(InvalidArgument):
     """The request's input cannot be turned into a model row (INVALID_ARGUMENT)."""
 
 

@@ -4,18 +4,20 @@
         [--address local|auto|HOST:PORT|ray://HOST:PORT] [--port 9000] [--max-queue N]
         [--max-batch 32] [--max-delay-ms 5] [--replica-cpus 1] [--watch]
 
-Ray Serve's gRPC proxy (one per node) serves `deepsurgery.v1.Inference` (Predict, ListTasks),
-`grpc.health.v1.Health` and server reflection on `--port`, so every client of runtime.server
-works unchanged. Two deployments make the application:
+Ray Serve's gRPC proxy (one per node) serves every protocol of runtime.protocols on `--port`,
+as runtime.server does (`deepsurgery.v1.Inference` and the Open Inference Protocol's
+`inference.GRPCInferenceService`), with `grpc.health.v1.Health` and server reflection, so every
+client of runtime.server works unchanged. Two deployments make the application:
 
-- `Model` (N replicas, or autoscaled): each replica is what runtime.server runs in-process:
-  the model dir's fused graph on onnxruntime, the cross-task dynamic batcher and the
-  preprocessing pool (runtime.service.Frontend). `--max-queue` bounds the requests queued for
-  the replicas (Serve's max_queued_requests): beyond it, RESOURCE_EXHAUSTED.
-- `Inference` (the gRPC ingress, light): forwards each call to a Model replica. Inference is
-  pure, so a call whose replica died (a crash, a killed process) is retried on another replica;
-  when none answers the client gets UNAVAILABLE (retryable), never a silent loss. Serve
-  restarts dead replicas on its own.
+- `Model` (N replicas, or autoscaled): each replica is what runtime.server runs in-process,
+  built by the same functions from the same `ServerOptions`: the model dir's fused graph on
+  onnxruntime, the core (runtime.core: cross-task dynamic batcher, preprocessing pool) and the
+  protocol adapters. `--max-queue` bounds the requests queued for the replicas (Serve's
+  max_queued_requests): beyond it, RESOURCE_EXHAUSTED.
+- `Inference` (the gRPC ingress, light): forwards each call, serialized, to a Model replica.
+  Inference is pure, so a call whose replica died (a crash, a killed process) is retried on
+  another replica; when none answers the client gets UNAVAILABLE (retryable), never a silent
+  loss. Serve restarts dead replicas on its own.
 
 `--address local` (default) starts a Ray on this machine; `auto` joins the Ray started here by
 `ray start`; `HOST:PORT` joins a cluster's head (its GCS port, 6379); `ray://HOST:10001` connects
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 import os
@@ -38,61 +41,64 @@ import signal
 import socket
 import sys
 import time
-from argparse import Namespace
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
 
-from protos.deepsurgery.v1 import inference_pb2 as pb
-from protos.deepsurgery.v1 import inference_pb2_grpc as pb_grpc
-from runtime.engine import PROVIDER_CHOICES, EngineError
-from runtime.manifest import ModelDirError
+from runtime import protocols
+from runtime.server import (
+    Parser,
+    ServerOptions,
+    add_core_arguments,
+    build_core,
+    build_model,
+    check_core_options,
+    cli,
+)
 
 log = logging.getLogger("runtime.serve_ray")
 
 INSTALL_HINT = "pip install 'deepsurgery[scale]' (or: pip install 'ray[serve]')"
 ADDRESS = re.compile(r"^(?:ray://)?(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$")
-CODES = {c.value[0]: c for c in grpc.StatusCode}
+REGISTRY_NAMESPACE = "deepsurgery"
 
 
-class ScaleError(Exception):
+class ScaleError(ValueError):
     """A one-line error of this command (bad address, Ray missing, deploy failure)."""
 
 
 # ---------------------------------------------------------------- protobuf pickling
 
 
-def install_proto_alias() -> None:
-    """protoc names the messages' module `deepsurgery.v1.inference_pb2` (the proto package);
-    Ray pickles requests between the proxy and replicas, so that name must import."""
-    import protos.deepsurgery
-    import protos.deepsurgery.v1
-
-    sys.modules.setdefault("deepsurgery", protos.deepsurgery)
-    sys.modules.setdefault("deepsurgery.v1", protos.deepsurgery.v1)
-    sys.modules.setdefault("deepsurgery.v1.inference_pb2", pb)
-
-
-install_proto_alias()
-
-
-def add_inference_servicer(servicer, server) -> None:
-    """For gRPCOptions.grpc_servicer_functions (imported by each Serve proxy)."""
-    install_proto_alias()
-    pb_grpc.add_InferenceServicer_to_server(servicer, server)
+def install_proto_aliases() -> None:
+    """protoc names each messages module after its proto file (`deepsurgery.v1.inference_pb2`,
+    `inference.grpc_predict_v2_pb2`); Ray pickles requests between the proxy and the ingress,
+    so those names must import: alias them (and their packages) to the modules under protos."""
+    for protocol in protocols.PROTOCOLS.values():
+        module = protocol.messages
+        parts = module.DESCRIPTOR.name.removesuffix(".proto").split("/")
+        for i in range(1, len(parts)):
+            alias = ".".join(parts[:i])
+            sys.modules.setdefault(alias, importlib.import_module(f"protos.{alias}"))
+        sys.modules.setdefault(".".join(parts) + "_pb2", module)
 
 
-def add_health_servicer(servicer, server) -> None:
+install_proto_aliases()
+
+
+def add_servicers(servicer, server) -> None:
+    """For gRPCOptions.grpc_servicer_functions (imported by each Serve proxy): every protocol
+    and grpc.health. The proxy routes each method to the ingress method of the same name."""
     from grpc_health.v1 import health_pb2_grpc
 
+    install_proto_aliases()
+    for protocol in protocols.PROTOCOLS.values():
+        protocol.add_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
 
 
-SERVICER_FUNCTIONS = [
-    "runtime.serve_ray.add_inference_servicer",
-    "runtime.serve_ray.add_health_servicer",
-]
+SERVICER_FUNCTIONS = ["runtime.serve_ray.add_servicers"]
 
 
 class RawMessage:
@@ -109,13 +115,29 @@ class RawMessage:
 # ---------------------------------------------------------------- the deployments
 
 
-class ModelReplica:
-    """One Serve replica of the model: runtime.server's engine, batcher and preprocessing."""
+class ReplicaRegistry:
+    """A small named Ray actor: Model replicas report their pid and node here, so the status
+    file can name them (Serve's public status has states, not processes)."""
 
-    def __init__(self, model_path: str, version: int | None, options: dict):
-        from runtime.batcher import Batcher
-        from runtime.server import build_model
-        from runtime.service import Frontend, count_inputs, run_works
+    def __init__(self):
+        self.replicas: dict[str, dict] = {}
+
+    def add(self, actor: str, info: dict) -> None:
+        self.replicas[actor] = info
+
+    def all(self) -> dict[str, dict]:
+        return self.replicas
+
+
+def registry_name(app: str) -> str:
+    return f"{app}-replicas"
+
+
+class ModelReplica:
+    """One Serve replica of the model: runtime.server's model, core and protocol adapters."""
+
+    def __init__(self, model_path: str, version: int | None, options: ServerOptions):
+        from runtime.manifest import ModelDirError
         from runtime.versions import probe
 
         path = Path(model_path)
@@ -124,56 +146,58 @@ class ModelReplica:
                 f"{path}: not found on node {socket.gethostname()}; the model dir must be at "
                 "the same path on every node (shared storage, or copy it there)"
             )
-        args = Namespace(
-            task=None,
-            providers=options["providers"],
-            intra_op_threads=options["intra_op_threads"],
-        )
-        self.model = build_model(path, version, args)
+        self.model = build_model(path, version, options)
         probe(self.model)
-        self.batcher = Batcher(
-            run_works,
-            max_batch=options["max_batch"],
-            max_delay_ms=options["max_delay_ms"],
-            max_tokens=options["max_batch_tokens"],
-            count_inputs=count_inputs,
-        )
-        workers = options["workers"] or max(1, int(options["replica_cpus"]))
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="preprocess")
-        self.frontend = Frontend(self.model, self.batcher, self.pool)
+        self.core = build_core(self.model, options)
+        self.adapters = {p.name: p.adapter(self.core) for p in protocols.select(options.protocols)}
+        self.grace_s = options.grace_s
         self._started = False
+        self._register()
         logging.getLogger("ray.serve").info(
             "replica pid %d serving %s", os.getpid(), self.model.describe()
         )
 
-    def _start(self) -> None:
+    def _register(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            context = serve.get_replica_context()
+            registry = ray.get_actor(registry_name(context.app_name), namespace=REGISTRY_NAMESPACE)
+        except (ValueError, RuntimeError):  # started by another driver: nobody to tell
+            return
+        info = {"pid": os.getpid(), "node": ray.util.get_node_ip_address()}
+        registry.add.remote(context.replica_id.to_full_id_str(), info)
+
+    async def call(self, protocol: str, method: str, payload: bytes):
+        """One RPC, serialized: (None, response bytes) or (status name, message)."""
         if not self._started:  # the batcher's task needs the replica's running event loop
-            self.batcher.start()
+            self.core.start()
             self._started = True
+        adapter = self.adapters.get(protocol)
+        if adapter is None:
+            return "UNIMPLEMENTED", f"{protocol} is not served here (--protocols)"
+        return await protocols.call(protocols.PROTOCOLS[protocol], adapter, method, payload)
 
-    async def predict(self, request: bytes) -> tuple[int, bytes | str]:
-        """Serialized PredictRequest -> (0, serialized PredictResponse) or (code, message)."""
-        self._start()
-        code, message = await self.frontend.predict(pb.PredictRequest.FromString(request), None)
-        if code is None:
-            return 0, message.SerializeToString()
-        return code.value[0], message
-
-    async def list_tasks(self) -> bytes:
-        return self.model.list_tasks().SerializeToString()
-
-    async def info(self) -> dict:
-        return {"pid": os.getpid(), "version": self.model.version, "node": socket.gethostname()}
+    async def ready(self) -> bool:
+        return self.core.info().ready
 
     async def check_health(self) -> None:
         """Serve's periodic health check: a dead batcher means a replica that cannot answer."""
-        task = self.batcher._task
-        if task is not None and task.done():
+        if self._started and not self.core.healthy:
             raise RuntimeError("the batcher stopped; this replica cannot answer")
+
+    async def __del__(self):
+        """Serve's graceful shutdown: the same drain and close as runtime.server's."""
+        if getattr(self, "core", None) is None:  # __init__ failed: nothing was started
+            return
+        await self.core.drain(self.grace_s)
+        await self.core.close()
 
 
 class Ingress:
-    """The gRPC-facing deployment: forwards to a Model replica, retrying on a lost replica."""
+    """The gRPC-facing deployment: forwards to a Model replica, retrying on a lost replica.
+    It has one method per RPC of every protocol (the proxy calls them by name)."""
 
     def __init__(self, model_handle, retries: int = 3):
         self.model = model_handle
@@ -190,7 +214,7 @@ class Ingress:
                 return await getattr(self.model, method).remote(*args), None
             except BackPressureError as e:
                 return None, (
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "RESOURCE_EXHAUSTED",
                     f"queue full: the model replicas' queue is at --max-queue ({e}); retry "
                     "with backoff or add replicas",
                 )
@@ -207,41 +231,33 @@ class Ingress:
                     await asyncio.sleep(0.05 * (attempt + 1))
         first = " ".join(str(last).split())[:200]
         return None, (
-            grpc.StatusCode.UNAVAILABLE,
+            "UNAVAILABLE",
             f"no model replica answered after {self.retries + 1} tries ({type(last).__name__}: "
             f"{first}); retry",
         )
 
-    @staticmethod
-    def _fail(grpc_context, code: grpc.StatusCode, message: str) -> None:
-        grpc_context.set_code(code)
-        grpc_context.set_details(message)
-
-    async def Predict(self, request, grpc_context):  # noqa: N802 (the gRPC method name)
-        result, error = await self._call("predict", request.SerializeToString())
+    async def forward(self, protocol: protocols.Protocol, method: str, request, grpc_context):
+        result, error = await self._call("call", protocol.name, method, request.SerializeToString())
         if error is None:
             code, payload = result
-            if code == 0:
+            if code is None:
                 return RawMessage(payload)
-            error = CODES[code], payload
-        self._fail(grpc_context, *error)
-        return pb.PredictResponse()
-
-    async def ListTasks(self, request, grpc_context):  # noqa: N802
-        result, error = await self._call("list_tasks")
-        if error is None:
-            return RawMessage(result)
-        self._fail(grpc_context, *error)
-        return pb.ListTasksResponse()
+            error = code, payload
+        grpc_context.set_code(grpc.StatusCode[error[0]])
+        grpc_context.set_details(error[1])
+        return protocol.response_type(method)()
 
     async def _status(self):
         from grpc_health.v1 import health_pb2
 
         try:
-            await asyncio.wait_for(self.model.list_tasks.remote(), 5.0)
-            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+            ready = await asyncio.wait_for(self.model.ready.remote(), 5.0)
         except Exception:
-            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+            ready = False
+        serving = health_pb2.HealthCheckResponse.SERVING
+        return health_pb2.HealthCheckResponse(
+            status=serving if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
 
     async def Check(self, request, grpc_context):  # noqa: N802
         """grpc.health.v1: SERVING when a Model replica answers within 5 s."""
@@ -251,54 +267,106 @@ class Ingress:
         yield await self._status()
 
 
+def _forwarder(protocol: protocols.Protocol, method: str):
+    async def rpc(self, request, grpc_context):
+        return await self.forward(protocol, method, request, grpc_context)
+
+    rpc.__name__ = rpc.__qualname__ = method
+    return rpc
+
+
+for _protocol in protocols.PROTOCOLS.values():
+    for _method in _protocol.methods:
+        setattr(Ingress, _method, _forwarder(_protocol, _method))
+
+
 # ---------------------------------------------------------------- the command
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m runtime.serve_ray", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, type=Path, help="model dir or dir of versions")
+    p = Parser(prog="python -m runtime.serve_ray", description=__doc__.splitlines()[0])
+    add_core_arguments(p)
     scale = p.add_mutually_exclusive_group()
     scale.add_argument("--replicas", type=int, default=1, help="Model replicas (default 1)")
     scale.add_argument("--autoscale", help="MIN,MAX: let Serve scale Model replicas")
-    p.add_argument(
-        "--address",
-        default="local",
-        help="local (start a Ray here), auto (the Ray started here), HOST:PORT, ray://HOST:PORT",
-    )
+    where = "local (start a Ray here), auto (the Ray started here), HOST:PORT, ray://HOST:PORT"
+    p.add_argument("--address", default="local", help=where)
     p.add_argument("--port", type=int, default=9000, help="gRPC port of the Serve proxies")
     p.add_argument("--http-port", type=int, default=0, help="Serve's HTTP port (0: any free)")
     p.add_argument("--name", default="deepsurgery", help="the Serve application name")
-    p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--max-delay-ms", type=float, default=5.0)
-    p.add_argument("--max-batch-tokens", type=int, default=0)
     p.add_argument("--max-queue", type=int, default=0, help="requests queued for the replicas")
-    p.add_argument(
-        "--max-ongoing",
-        type=int,
-        default=0,
-        help="requests one replica takes at once (0: 2x batch)",
-    )
+    ongoing = "requests one replica takes at once (0: 2x batch)"
+    p.add_argument("--max-ongoing", type=int, default=0, help=ongoing)
     p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved per replica")
     p.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs reserved per replica")
     p.add_argument("--ingress-replicas", type=int, default=1)
     p.add_argument("--retries", type=int, default=3, help="tries on another replica if one dies")
-    p.add_argument("--providers", choices=PROVIDER_CHOICES, default="auto")
-    p.add_argument(
-        "--intra-op-threads", type=int, default=0, help="onnxruntime threads (0: --replica-cpus)"
-    )
-    p.add_argument("--workers", type=int, default=0, help="preprocessing threads per replica")
     p.add_argument("--num-cpus", type=int, help="local Ray only: CPUs it may use (default: all)")
-    p.add_argument("--watch", action="store_true", help="roll out new versions as they appear")
-    p.add_argument("--watch-interval-s", type=float, default=2.0)
-    p.add_argument("--port-file", type=Path, help="write the gRPC port here once serving")
     p.add_argument("--status-file", type=Path, help="keep the replicas' pids/state here (JSON)")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
+
+
+@dataclass(frozen=True)
+class ScaleOptions:
+    """Everything that builds the Serve application (the flags by name; no defaults here: the
+    parser holds them). `replica` is the ServerOptions each Model replica's core is built from
+    (and `--model`, `--watch`, `--port-file` of this command)."""
+
+    replica: ServerOptions
+    replicas: int
+    autoscale: tuple[int, int] | None
+    address: str
+    port: int
+    http_port: int
+    name: str
+    max_queue: int
+    max_ongoing: int
+    replica_cpus: float
+    replica_gpus: float
+    ingress_replicas: int
+    retries: int
+    num_cpus: int | None
+    status_file: Path | None
+    log_level: str
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ScaleOptions:
+        """The parsed flags; ValueError (one line) on values the parser cannot check."""
+        autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
+        cpus = max(1, int(args.replica_cpus or 1))
+        replica = replace(
+            ServerOptions.from_args(args),
+            max_queue=0,  # Serve bounds the replicas' queue (max_queued_requests)
+            intra_op_threads=args.intra_op_threads or cpus,
+            workers=args.workers or cpus,
+        )
+        return cls(
+            replica=replica,
+            autoscale=autoscale,
+            **{
+                f: getattr(args, f)
+                for f in cls.__dataclass_fields__
+                if f not in ("replica", "autoscale")
+            },
+        )
+
+    def check(self) -> None:
+        check_core_options(self.replica)
+        if self.autoscale is None and self.replicas < 1:
+            raise ValueError(f"--replicas {self.replicas} must be >= 1")
+        for flag in ("ingress_replicas",):
+            if getattr(self, flag) < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+        for flag in ("max_queue", "max_ongoing", "retries"):
+            if getattr(self, flag) < 0:
+                raise ValueError(f"--{flag.replace('_', '-')} must be >= 0")
+        if self.replica_cpus < 0 or self.replica_gpus < 0:
+            raise ValueError("--replica-cpus and --replica-gpus must be >= 0")
+        for flag in ("port", "http_port"):
+            if not 0 <= getattr(self, flag) <= 65535:
+                raise ValueError(f"--{flag.replace('_', '-')} must be in 0..65535")
+        if self.port == 0:
+            raise ValueError("--port 0: Serve's gRPC proxies need a fixed port on every node")
 
 
 def parse_autoscale(text: str) -> tuple[int, int]:
@@ -352,26 +420,6 @@ AUTH_HINT = (
 )
 
 
-def check_args(args: argparse.Namespace) -> None:
-    if args.autoscale:
-        args.autoscale_range = parse_autoscale(args.autoscale)
-    elif args.replicas < 1:
-        raise ValueError(f"--replicas {args.replicas} must be >= 1")
-    for flag in ("max_batch", "ingress_replicas"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
-    for flag in ("max_queue", "max_ongoing", "max_batch_tokens", "retries", "workers"):
-        if getattr(args, flag) < 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0")
-    if args.max_delay_ms < 0 or args.replica_cpus < 0 or args.replica_gpus < 0:
-        raise ValueError("--max-delay-ms, --replica-cpus and --replica-gpus must be >= 0")
-    for flag in ("port", "http_port"):
-        if not 0 <= getattr(args, flag) <= 65535:
-            raise ValueError(f"--{flag.replace('_', '-')} must be in 0..65535")
-    if args.port == 0:
-        raise ValueError("--port 0: Serve's gRPC proxies need a fixed port on every node")
-
-
 def import_ray():
     try:
         import ray
@@ -381,131 +429,108 @@ def import_ray():
     return ray, serve
 
 
-def replica_options(args: argparse.Namespace) -> dict:
-    return {
-        "providers": args.providers,
-        "intra_op_threads": args.intra_op_threads or max(1, int(args.replica_cpus or 1)),
-        "max_batch": args.max_batch,
-        "max_delay_ms": args.max_delay_ms,
-        "max_batch_tokens": args.max_batch_tokens,
-        "workers": args.workers,
-        "replica_cpus": args.replica_cpus,
-    }
-
-
-def build_app(args: argparse.Namespace, model_path: Path, version: int | None):
+def build_app(options: ScaleOptions, model_path: Path, version: int | None):
     """The Serve application: Inference (gRPC ingress) -> Model replicas."""
     _, serve = import_ray()
     # By import path, not __main__'s copy (python -m): replicas must import this module, which
-    # installs the protobuf alias they unpickle requests with.
+    # installs the protobuf aliases they unpickle requests with.
     from runtime import serve_ray as this
 
     model_opts = {
         "name": "Model",
-        "max_ongoing_requests": args.max_ongoing or 2 * args.max_batch,
-        "max_queued_requests": args.max_queue or -1,
-        "ray_actor_options": {"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus},
+        "max_ongoing_requests": options.max_ongoing or 2 * options.replica.max_batch,
+        "max_queued_requests": options.max_queue or -1,
+        "ray_actor_options": {"num_cpus": options.replica_cpus, "num_gpus": options.replica_gpus},
         "health_check_period_s": 2,
         "health_check_timeout_s": 30,
         "graceful_shutdown_timeout_s": 30,
     }
-    if args.autoscale:
-        lo, hi = args.autoscale_range
+    if options.autoscale:
+        lo, hi = options.autoscale
         model_opts["autoscaling_config"] = {
             "min_replicas": lo,
             "max_replicas": hi,
-            "target_ongoing_requests": args.max_batch,
+            "target_ongoing_requests": options.replica.max_batch,
         }
     else:
-        model_opts["num_replicas"] = args.replicas
+        model_opts["num_replicas"] = options.replicas
     model = serve.deployment(this.ModelReplica).options(**model_opts)
     ingress = serve.deployment(this.Ingress).options(
         name="Inference",
-        num_replicas=args.ingress_replicas,
+        num_replicas=options.ingress_replicas,
         max_ongoing_requests=100_000,  # a light forwarder: Model's limits are the real ones
         ray_actor_options={"num_cpus": 0},
     )
-    return ingress.bind(
-        model.bind(str(model_path.resolve()), version, replica_options(args)), args.retries
-    )
-
-
-def replicas(ray, app: str) -> list[dict]:
-    """Live Serve replica actors of `app`: deployment, pid, state (Ray's GCS actor table)."""
-    try:
-        from ray._private.state import actors
-
-        table = actors()
-    except Exception:  # a private API: status is best-effort
-        return []
-    out = []
-    for info in table.values():
-        name = info.get("Name") or ""
-        if not name.startswith(f"SERVE_REPLICA::{app}#"):
-            continue
-        out.append(
-            {
-                "deployment": name.split("#")[1],
-                "actor": name,
-                "pid": info.get("Pid"),
-                "state": info.get("State"),
-                "node": (info.get("Address") or {}).get("IPAddress"),
-            }
-        )
-    return sorted(out, key=lambda r: (r["deployment"], r["actor"]))
+    replica = replace(options.replica, model=model_path.resolve())
+    return ingress.bind(model.bind(str(replica.model), version, replica), options.retries)
 
 
 def wait_until_serving(port: int, timeout: float = 120.0) -> None:
-    """Until the local proxy routes ListTasks to a replica (the route table fills late)."""
+    """Until the local proxy's health check says SERVING (a replica answered; the proxy's
+    route table fills late)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     deadline = time.monotonic() + timeout
     last = None
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = pb_grpc.InferenceStub(channel)
+        stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             try:
-                stub.ListTasks(pb.ListTasksRequest(), timeout=5)
-                return
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
             except grpc.RpcError as e:
                 last = f"{e.code().name}: {' '.join(str(e.details()).split())[:300]}"
                 if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
                     break  # not a proxy still starting up: a broken deployment
-                time.sleep(0.2)
+            time.sleep(0.2)
     raise ScaleError(f"the Serve gRPC proxy on port {port} did not start answering ({last})")
 
 
 class Deployer:
     """Owns the Ray connection and the application; reloads roll out new versions."""
 
-    def __init__(self, args: argparse.Namespace):
-        from runtime.server import build_model
-        from runtime.versions import VersionManager
+    def __init__(self, options: ScaleOptions):
+        from runtime.server import make_versions
 
-        self.args = args
+        self.options = options
         self.ray, self.serve = import_ray()
         # Versions are verified here first (sha256, parity record, a probe run on this
         # machine) so a broken one never reaches the replicas.
-        opts = Namespace(task=None, providers="cpu", intra_op_threads=1)
-        self.versions = VersionManager(args.model, lambda p, v: build_model(p, v, opts))
+        here = replace(options.replica, providers="cpu", intra_op_threads=1)
+        self.versions = make_versions(here)
         self.version = None
         self.path = None
+        self.registry = None
 
     def connect(self) -> None:
-        ray, args = self.ray, self.args
-        kw = {"logging_level": logging.WARNING, "log_to_driver": args.log_level == "DEBUG"}
-        if args.address == "local":
-            kw |= {"include_dashboard": False, "num_cpus": args.num_cpus}
+        ray, options = self.ray, self.options
+        kw = {"logging_level": logging.WARNING, "log_to_driver": options.log_level == "DEBUG"}
+        if options.address == "local":
+            kw |= {"include_dashboard": False, "num_cpus": options.num_cpus}
             ray.init(address="local", **kw)  # always a new Ray, even if `ray start` ran here
         else:
             try:
-                ray.init(address=args.address, **kw)
+                ray.init(address=options.address, **kw)
             except Exception as e:  # ConnectionError, RuntimeError, auth errors...
                 first = " ".join(str(e).split())[:300]
                 raise ScaleError(
-                    f"--address {args.address}: cannot join Ray ({first}); {AUTH_HINT}"
+                    f"--address {options.address}: cannot join Ray ({first}); {AUTH_HINT}"
                 ) from None
+        self.registry = (
+            ray.remote(ReplicaRegistry)
+            .options(
+                name=registry_name(options.name),
+                namespace=REGISTRY_NAMESPACE,
+                get_if_exists=True,
+                num_cpus=0,
+            )
+            .remote()
+        )
         log.info(
             "Ray: %s, %s CPUs, %s nodes",
-            args.address,
+            options.address,
             ray.cluster_resources().get("CPU", 0),
             len([n for n in ray.nodes() if n.get("Alive")]),
         )
@@ -513,21 +538,25 @@ class Deployer:
     def deploy(self, model, path: Path, version: int | None) -> None:
         from ray.serve.config import HTTPOptions, gRPCOptions
 
-        args = self.args
+        options = self.options
         self.serve.start(
-            grpc_options=gRPCOptions(port=args.port, grpc_servicer_functions=SERVICER_FUNCTIONS),
-            http_options=HTTPOptions(host="127.0.0.1", port=args.http_port),
+            grpc_options=gRPCOptions(port=options.port, grpc_servicer_functions=SERVICER_FUNCTIONS),
+            http_options=HTTPOptions(host="127.0.0.1", port=options.http_port),
         )
         t0 = time.monotonic()
-        self.serve.run(build_app(args, path, version), name=args.name, route_prefix=f"/{args.name}")
-        wait_until_serving(args.port)
+        app = build_app(options, path, version)
+        self.serve.run(app, name=options.name, route_prefix=f"/{options.name}")
+        wait_until_serving(options.port)
         self.version, self.path = version, path
         log.info(
-            "serving %s on Ray Serve gRPC port %d (%s, %s; %.1f s)",
+            "serving %s on Ray Serve gRPC port %d (%s; %s, %s; %.1f s)",
             model.describe(),
-            args.port,
-            f"autoscale {args.autoscale}" if args.autoscale else f"{args.replicas} replicas",
-            f"max-queue {args.max_queue or 'unbounded'}",
+            options.port,
+            ", ".join(options.replica.protocols),
+            f"autoscale {options.autoscale}"
+            if options.autoscale
+            else f"{options.replicas} replicas",
+            f"max-queue {options.max_queue or 'unbounded'}",
             time.monotonic() - t0,
         )
 
@@ -546,10 +575,31 @@ class Deployer:
         self.deploy(model, cand.path, cand.version)
         return True
 
+    def replicas(self) -> list[dict]:
+        """Live Model replicas: the registry's reports, for the replica actors still named in
+        Ray (a dead replica's actor is no longer listed). Best-effort, for the status file."""
+        try:
+            reports = self.ray.get(self.registry.all.remote(), timeout=5)
+            alive = {a["name"] for a in self.ray.util.list_named_actors(all_namespaces=True)}
+        except Exception:
+            return []
+        out = [
+            {
+                "deployment": actor.split("#")[1],
+                "actor": actor,
+                "pid": info["pid"],
+                "state": "ALIVE",
+                "node": info["node"],
+            }
+            for actor, info in reports.items()
+            if actor in alive
+        ]
+        return sorted(out, key=lambda r: (r["deployment"], r["actor"]))
+
     def status(self) -> dict:
-        st = self.serve.status().applications.get(self.args.name)
+        st = self.serve.status().applications.get(self.options.name)
         return {
-            "app": self.args.name,
+            "app": self.options.name,
             "status": _name(st.status) if st else "MISSING",
             "version": self.version,
             "path": str(self.path),
@@ -557,7 +607,7 @@ class Deployer:
                 name: {"status": _name(d.status), "replica_states": dict(d.replica_states)}
                 for name, d in (st.deployments.items() if st else [])
             },
-            "replicas": replicas(self.ray, self.args.name),
+            "replicas": self.replicas(),
         }
 
     def stop(self) -> None:
@@ -565,8 +615,8 @@ class Deployer:
             return
         try:
             if self.version is not None or self.path is not None:
-                self.serve.delete(self.args.name)
-            if self.args.address == "local":
+                self.serve.delete(self.options.name)
+            if self.options.address == "local":
                 self.serve.shutdown()
         except Exception as e:  # stopping must not hide why we stop
             log.warning("stopping Serve: %s", " ".join(str(e).split())[:200])
@@ -584,8 +634,9 @@ def write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def serve_forever(args: argparse.Namespace) -> int:
-    deployer = Deployer(args)
+def serve_forever(options: ScaleOptions) -> int:
+    deployer = Deployer(options)
+    replica = options.replica
     stop = {"signal": None}
     reload_requested = {"flag": False}
     try:
@@ -594,23 +645,23 @@ def serve_forever(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s))
         signal.signal(signal.SIGINT, lambda s, f: stop.update(signal=s))
         signal.signal(signal.SIGHUP, lambda s, f: reload_requested.update(flag=True))
-        if args.port_file:
-            args.port_file.write_text(f"{args.port}\n")
-        last_status, next_watch = None, time.monotonic() + args.watch_interval_s
+        if replica.port_file:
+            replica.port_file.write_text(f"{options.port}\n")
+        last_status, next_watch = None, time.monotonic() + replica.watch_interval_s
         while stop["signal"] is None:
             status = deployer.status()
             summary = {k: v["replica_states"] for k, v in status["deployments"].items()}
             if summary != last_status:
                 log.info("Serve: %s %s", status["status"], summary)
                 last_status = summary
-            if args.status_file:
-                write_json(args.status_file, status)
+            if options.status_file:
+                write_json(options.status_file, status)
             if reload_requested["flag"]:
                 reload_requested["flag"] = False
-                log.info("SIGHUP: looking for a new model version in %s", args.model)
+                log.info("SIGHUP: looking for a new model version in %s", replica.model)
                 deployer.reload()
-            elif args.watch and time.monotonic() >= next_watch:
-                next_watch = time.monotonic() + args.watch_interval_s
+            elif replica.watch and time.monotonic() >= next_watch:
+                next_watch = time.monotonic() + replica.watch_interval_s
                 if deployer.versions.changed():
                     deployer.reload()
             time.sleep(0.5)
@@ -621,20 +672,14 @@ def serve_forever(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    try:
-        check_args(args)
-        check_address(args.address)
+    def run(args: argparse.Namespace) -> int:
+        options = ScaleOptions.from_args(args)
+        options.check()
+        check_address(options.address)
         import_ray()
-        return serve_forever(args)
-    except (ScaleError, ModelDirError, EngineError, ValueError, OSError) as e:
-        print(f"runtime.serve_ray: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return serve_forever(options)
+
+    return cli("runtime.serve_ray", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

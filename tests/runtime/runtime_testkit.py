@@ -293,9 +293,10 @@ class ServerThread:
     """
 
     def __init__(self, model_dir: Path, *flags: str, model_hook=None):
-        from runtime.server import build_parser
+        from runtime.server import ServerOptions, build_parser
 
-        self.args = build_parser().parse_args(["--model", str(model_dir), "--port", "0", *flags])
+        args = build_parser().parse_args(["--model", str(model_dir), "--port", "0", *flags])
+        self.options = ServerOptions.from_args(args)
         self.model_hook = model_hook
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -304,11 +305,11 @@ class ServerThread:
     def __enter__(self) -> ServerThread:
         from runtime.server import load_model, start
 
-        model = load_model(self.args)
+        model = load_model(self.options)
         if self.model_hook:
             self.model_hook(model)
         self.thread.start()
-        self.rt = asyncio.run_coroutine_threadsafe(start(self.args, model), self.loop).result(10)
+        self.rt = asyncio.run_coroutine_threadsafe(start(self.options, model), self.loop).result(10)
         self.port = self.rt.port
         self.addr = f"127.0.0.1:{self.port}"
         return self

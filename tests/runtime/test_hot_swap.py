@@ -163,17 +163,17 @@ def test_sighup_and_watch_in_a_real_process(tmp_path):
 
 
 def test_plain_model_dir_reloads_only_when_its_files_change(tmp_path):
-    from runtime.server import build_parser, load_model, make_versions
+    from runtime.server import ServerOptions, load_model, make_versions
 
     model_dir = make_text_model_dir(tmp_path / "model", per_task=False)
-    args = build_parser().parse_args(["--model", str(model_dir)])
-    manager = make_versions(args)
+    options = ServerOptions(model=model_dir)
+    manager = make_versions(options)
     first = manager.initial()
     assert first.version is None and manager.reload() is None  # unchanged: nothing to do
     make_text_model_dir(model_dir, tasks=NEW_TASKS, per_task=False, seed=1)  # rewritten
     model, cand = manager.reload()
     assert cand.version is None and model.names == list(NEW_TASKS)
-    assert load_model(args).names == list(NEW_TASKS)
+    assert load_model(options).names == list(NEW_TASKS)
 
 
 def test_a_failing_parity_record_is_refused(tmp_path, caplog):

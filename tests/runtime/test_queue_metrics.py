@@ -115,9 +115,10 @@ def test_metrics_endpoint_counts_the_requests_sent(text_model_dir):
             assert e.code() == grpc.StatusCode.NOT_FOUND
         m = scrape(port)
     req = "deepsurgery_requests_total"
-    assert m[(req, (("code", "OK"), ("task", "news")))] == 3
-    assert m[(req, (("code", "OK"), ("task", "*")))] == 2
-    assert m[(req, (("code", "NOT_FOUND"), ("task", "unknown")))] == 1
+    v1 = ("protocol", "deepsurgery.v1")
+    assert m[(req, (("code", "OK"), v1, ("task", "news")))] == 3
+    assert m[(req, (("code", "OK"), v1, ("task", "*")))] == 2
+    assert m[(req, (("code", "NOT_FOUND"), v1, ("task", "unknown")))] == 1
     assert m[("deepsurgery_request_latency_seconds_count", (("task", "news"),))] == 3
     rows = m[("deepsurgery_inference_count_total", ())]
     runs = m[("deepsurgery_execution_count_total", ())]

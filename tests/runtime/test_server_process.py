@@ -26,13 +26,13 @@ LAUNCHER = f"""
 import os, sys, time
 for name in {FORBIDDEN!r}:
     sys.modules[name] = None
-from runtime import server, service
+from runtime import core, server
 delay = float(sys.argv[1])
-inner = service.InferenceModel.run_batch
+inner = core.InferenceModel.run_batch
 def run_batch(self, works):
     time.sleep(delay)
     return inner(self, works)
-service.InferenceModel.run_batch = run_batch
+core.InferenceModel.run_batch = run_batch
 arrivals = os.environ.get("DEEPSURGERY_TEST_ARRIVALS")
 if arrivals:  # one line per request queued, so a test knows when all of its requests arrived
     from runtime import batcher

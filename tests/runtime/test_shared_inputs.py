@@ -23,7 +23,7 @@ from test_queue_metrics import scrape
 
 from protos.deepsurgery.v1 import inference_pb2 as pb
 from runtime.manifest import load_model_dir
-from runtime.service import Work, count_inputs, input_key
+from runtime.core import Work, count_inputs, input_key
 
 
 @pytest.fixture(scope="module")
