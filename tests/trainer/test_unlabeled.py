@@ -8,45 +8,12 @@ import numpy as np
 import pytest
 
 from tests.conftest import write_text_task
+from tests.trainer.pool_kit import ANIMALS, distinct_rows, write_distinct_tasks
 from trainer.config import load_config
 from trainer.data.tasks import load_task
 from trainer.data.unlabeled import content_hash, unlabeled_pool
 from trainer.data.validation import hold_out_validation
 from trainer.errors import UserError
-
-ANIMALS = [["cat", "dog", "horse"], ["car", "bus", "train"]]
-COLOURS = [["red", "blue"], ["happy", "sad"], ["table", "chair"]]
-
-
-def distinct_rows(words: list[list[str]], n: int, seed: int, start: int) -> list[tuple[str, int]]:
-    """``n`` sentences, each unique (numbered from ``start``), labelled by their keyword."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        label = int(rng.integers(len(words)))
-        rows.append(
-            (f"the {words[label][rng.integers(len(words[label]))]} number {start + i}", label)
-        )
-    return rows
-
-
-def write_distinct_tasks(root, copies: int = 0):
-    """Two text tasks whose train and test sentences differ, but for ``copies`` test rows of
-    animals repeated in its train split (as real datasets do)."""
-    test = distinct_rows(ANIMALS, 24, 1, 1000)
-    write_text_task(
-        root / "animals",
-        ["animal", "vehicle"],
-        distinct_rows(ANIMALS, 48, 0, 0) + test[:copies],
-        test,
-    )
-    write_text_task(
-        root / "colours",
-        ["colour", "mood", "furniture"],
-        distinct_rows(COLOURS, 48, 2, 2000),
-        distinct_rows(COLOURS, 24, 3, 3000),
-    )
-    return root
 
 
 def _pool(root, *overrides, names=("animals", "colours")):
