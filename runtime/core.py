@@ -279,10 +279,16 @@ class Core:
             self._active -= 1
             if self._active == 0:
                 self._idle.set()
-            if self.metrics is not None:
-                self.metrics.observe_request(
-                    model.label(request.task), code, time.perf_counter() - start, request.protocol
-                )
+            self.record(request.task, code, time.perf_counter() - start, request.protocol, model)
+
+    def record(
+        self, task: str, code: str, seconds: float, protocol: str, model: InferenceModel = None
+    ) -> None:
+        """Count one request in the metrics; an adapter calls it for a request it refused
+        before `infer` (a malformed message)."""
+        if self.metrics is not None:
+            label = (model or self.model).label(task)
+            self.metrics.observe_request(label, code, seconds, protocol)
 
     async def _infer(self, model: InferenceModel, request: Request, deadline):
         indices, top_k = model.resolve(request.task, request.top_k)

@@ -22,13 +22,23 @@ from __future__ import annotations
 
 import math
 import struct
+import time
 from importlib import metadata
 
 import numpy as np
 
 from protos.inference import grpc_predict_v2_pb2 as pb
 from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from runtime.api import Input, InvalidArgument, ModelInfo, NotFound, Request, TaskInfo, Tensor
+from runtime.api import (
+    Input,
+    InvalidArgument,
+    ModelInfo,
+    NotFound,
+    Request,
+    ServingError,
+    TaskInfo,
+    Tensor,
+)
 from runtime.protocols import Protocol, register
 
 NAME = "open-inference"
@@ -69,8 +79,9 @@ def decode_bytes(raw: bytes, count: int, where: str) -> list[bytes]:
     for i in range(count):
         if pos + 4 > len(raw):
             raise InvalidArgument(
-                f"{where}: raw contents end after {i} of {count} elements; the shape says "
-                f"{count} (each a 4-byte little-endian length and its bytes)"
+                f"{where}: raw contents end after {i} of the {count} elements its shape says; "
+                "the shape and the raw contents disagree (each element: a 4-byte "
+                "little-endian length, then its bytes)"
             )
         (n,) = struct.unpack_from("<I", raw, pos)
         if pos + 4 + n > len(raw):
@@ -145,15 +156,20 @@ class OpenInference:
         )
 
     async def ModelInfer(self, request: pb.ModelInferRequest, deadline) -> pb.ModelInferResponse:  # noqa: N802
-        info, task = self._model(request.model_name, request.model_version)
-        wanted = [o.name for o in request.outputs] or list(OUTPUTS)
-        unknown = [n for n in wanted if n not in OUTPUTS]
-        if unknown:
-            raise InvalidArgument(
-                f"unknown output {unknown[0]!r} of model {task.name!r}; it returns "
-                f"{describe(output_specs(task))}"
-            )
-        inputs = self._rows(request, info, task)
+        start = time.perf_counter()
+        try:
+            info, task = self._model(request.model_name, request.model_version)
+            wanted = [o.name for o in request.outputs] or list(OUTPUTS)
+            unknown = [n for n in wanted if n not in OUTPUTS]
+            if unknown:
+                raise InvalidArgument(
+                    f"unknown output {unknown[0]!r} of model {task.name!r}; it returns "
+                    f"{describe(output_specs(task))}"
+                )
+            inputs = self._rows(request, info, task)
+        except ServingError as e:  # refused before the core: counted here
+            self.core.record(request.model_name, e.code, time.perf_counter() - start, NAME)
+            raise
         core_request = Request(task.name, tuple(inputs), 1, NAME)
         predictions = [row[0] for row in await self.core.infer(core_request, deadline)]
         rows, specs = len(predictions), output_specs(task)

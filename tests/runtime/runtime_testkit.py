@@ -334,3 +334,41 @@ class ServerThread:
 
 def text_request(task: str, text: str, top_k: int = 0) -> pb.PredictRequest:
     return pb.PredictRequest(task=task, input=pb.Input(text=text), top_k=top_k)
+
+
+def client_python() -> Path:
+    """The outside client's interpreter (tritonclient[grpc] in its own environment, as a
+    Triton/KServe shop has it): $DEEPSURGERY_CLIENT_PYTHON, else <repo>/.venv-client."""
+    path = Path(os.environ.get("DEEPSURGERY_CLIENT_PYTHON") or REPO / ".venv-client/bin/python")
+    if not path.exists():
+        import pytest
+
+        pytest.fail(
+            f"{path}: no Open Inference Protocol client environment; `make test` builds it "
+            "(or `make .venv-client/.installed`), or set DEEPSURGERY_CLIENT_PYTHON"
+        )
+    return path
+
+
+def run_oip_client(addr: str, spec: dict, tmp: Path, timeout: float = 120) -> dict:
+    """tests/runtime/oip_client.py against `addr` in the client environment -> its report."""
+    import subprocess
+
+    spec_file = tmp / "oip_spec.json"
+    spec_file.write_text(json.dumps(spec))
+    script = Path(__file__).with_name("oip_client.py")
+    done = subprocess.run(
+        [str(client_python()), str(script), addr, str(spec_file)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def softmax(logits) -> np.ndarray:
+    z = np.asarray(logits, np.float64)
+    z = np.exp(z - z.max())
+    return z / z.sum()

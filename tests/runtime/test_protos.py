@@ -27,3 +27,60 @@ def test_api_shape_follows_design():
     assert set(pb.PredictRequest.DESCRIPTOR.fields_by_name) == {"task", "input", "top_k"}
     fields = set(pb.Prediction.DESCRIPTOR.fields_by_name)
     assert fields == {"task", "label", "score", "top", "logits"}
+
+
+def fields_of(descriptor) -> dict:
+    """message name -> {field: (number, type, repeated)}, nested messages included (runs in
+    the client's protobuf 6 too, whose fields still have `label`; 7 has `is_repeated`)."""
+    out = {}
+
+    def walk(d, prefix=""):
+        out[prefix + d.name] = {
+            f.name: (f.number, f.type, f.label == 3 if hasattr(f, "label") else f.is_repeated)
+            for f in d.fields
+        }
+        for nested in d.nested_types:
+            walk(nested, prefix + d.name + ".")
+
+    for d in descriptor.message_types_by_name.values():
+        walk(d)
+    return out
+
+
+def test_open_inference_proto_is_wire_compatible_with_tritonclient():
+    """Every message and field we serve has the number, type and cardinality that tritonclient's
+    own generated service (Triton's superset of the KServe v2 proto) sends and reads."""
+    import json
+    import subprocess
+
+    from runtime_testkit import client_python
+
+    from protos.inference import grpc_predict_v2_pb2 as v2
+
+    dump = (
+        "import json, inspect\n"
+        "from tritonclient.grpc import service_pb2 as s\n"
+        + inspect_source()
+        + "print(json.dumps(fields_of(s.DESCRIPTOR)))\n"
+    )
+    done = subprocess.run(
+        [str(client_python()), "-c", dump], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    theirs = {m: {f: tuple(v) for f, v in fs.items()} for m, fs in json.loads(done.stdout).items()}
+    ours = fields_of(v2.DESCRIPTOR)
+    for message, fields in ours.items():
+        assert message in theirs, message
+        for name, spec in fields.items():
+            assert theirs[message].get(name) == spec, (message, name, spec, theirs[message])
+    service = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    assert service.full_name == "inference.GRPCInferenceService"
+    assert set(service.methods_by_name) == {
+        "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer"
+    }  # fmt: skip
+
+
+def inspect_source() -> str:
+    import inspect
+
+    return inspect.getsource(fields_of)

@@ -22,8 +22,8 @@ from runtime_testkit import (
 from test_queue_metrics import scrape
 
 from protos.deepsurgery.v1 import inference_pb2 as pb
-from runtime.manifest import load_model_dir
 from runtime.core import Work, count_inputs, input_key
+from runtime.manifest import load_model_dir
 
 
 @pytest.fixture(scope="module")
