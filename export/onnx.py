@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,11 +47,9 @@ from modeldir import (
     PARITY_BARS,
     PRECISIONS,
     TASK_IDS,
-    atomic_directory,
     graph_inputs,
     sha256_file,
     task_entries,
-    write_json_atomic,
 )
 from trainer.errors import UserError, run_cli
 from trainer.results.bundle import load_bundle, read_samples
@@ -69,6 +68,7 @@ from .graph import (
     input_names,
 )
 from .parity import HeldOutBatch, batches, compare, describe, held_out_inputs
+from .targets import TARGETS, VerifiedExport, get_target
 
 ROWS_PER_TASK = 8
 OPSETS = range(17, 24)
@@ -95,6 +95,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument(
+        "--target",
+        default="modeldir",
+        help="what to write: "
+        + "; ".join(f"{t.name}: {t.help}" for t in sorted(TARGETS.values(), key=lambda t: t.name)),
+    )
+    p.add_argument("--name", default="deepsurgery", help="triton: the model's name")
+    p.add_argument("--max-batch", type=int, default=32, help="triton: max_batch_size")
+    p.add_argument(
+        "--max-queue", type=int, default=256, help="triton: requests queued before rejecting"
+    )
+    p.add_argument(
+        "--max-delay-ms", type=float, default=5.0, help="triton: dynamic batching's queue delay"
+    )
     return p.parse_args(argv)
 
 
@@ -112,15 +126,22 @@ def main(argv=None) -> int:
             args.opset,
             args.force,
             args.adapter_form,
+            args.target,
+            {
+                "name": args.name,
+                "max_batch": args.max_batch,
+                "max_queue": args.max_queue,
+                "max_delay_ms": args.max_delay_ms,
+            },
         )
     )
     if code:
         return code
-    manifest, out = result
+    manifest, graph = result
     parity, form = manifest["parity"], manifest["adapter_form"]
     timings = ", ".join(f"{k} {v:.1f} ms" for k, v in (form.get("timings_ms") or {}).items())
     print(
-        f"wrote {out}/model.onnx ({manifest['precision']}, opset {manifest['opset']}, "
+        f"wrote {graph} ({manifest['precision']}, opset {manifest['opset']}, "
         f"{len(manifest['tasks'])} tasks, adapters {form['form']}"
         f"{f' ({timings})' if timings else ''}): parity on {parity['rows']} held-out rows "
         f"({parity['distinct_inputs']} distinct inputs, {parity['judged_on']}): "
@@ -373,8 +394,12 @@ def export(
     opset: int = DEFAULT_OPSET,
     force: bool = False,
     adapter_form: str = "auto",
+    target: str = "modeldir",
+    target_options: dict | None = None,
 ) -> tuple[dict, Path]:
-    """Export, verify and write the model directory; returns (its manifest, the directory)."""
+    """Export and verify the fused graph, then hand it to the ``target``'s writer (the model
+    directory by default) -> (the manifest, the main graph's path as written)."""
+    writer = get_target(target)  # an unknown target fails before any work
     if precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
     if adapter_form not in FORM_CHOICES:
@@ -383,10 +408,45 @@ def export(
         )
     if opset not in OPSETS:
         raise UserError(f"--opset {opset} is not supported; use {OPSETS[0]}..{OPSETS[-1]}")
+    if per_task and target != "modeldir":
+        raise UserError(f"--per-task writes model-directory graphs; drop it for --target {target}")
     bundle, full_model, bundle_manifest = _load(bundle)
     out = Path(out) if out is not None else bundle.parent / "onnx"
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it or --out DIR")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.stage-", dir=out.parent))
+    try:
+        verified = _verify(
+            bundle,
+            full_model,
+            bundle_manifest,
+            staging,
+            tasks,
+            precision,
+            per_task,
+            opset,
+            adapter_form,
+        )
+        verified.options = dict(target_options or {})
+        return verified.manifest, writer.write(verified, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _verify(
+    bundle: Path,
+    full_model: MultiTaskModel,
+    bundle_manifest: dict,
+    tmp: Path,
+    tasks: str,
+    precision: str,
+    per_task: bool,
+    opset: int,
+    adapter_form: str,
+) -> VerifiedExport:
+    """The fused graph (and the per-task ones) written to ``tmp``, converted to ``precision``
+    and held to its parity bar against PyTorch; the model directory's manifest."""
     indices = select_tasks(full_model, tasks)
     model = task_subset(full_model, indices)
     modality = model.backbone.modality
@@ -415,131 +475,149 @@ def export(
     real_reference = reference_logits(fused, real)
     real_ids = np.concatenate([b.task_ids.numpy() for b in real]) if real else ids[:0]
 
-    with atomic_directory(out) as tmp:
-        form = choose_adapter_form(model, adapter_form, held_out, example, tmp, opset)
-        session, converted = _write_graph(fused, example, tmp / "model.onnx", precision, opset)
-        onnx_out = [_run(session, names, b) for b in held_out]
-        real_out = [_run(session, names, b) for b in real]
-        parity = _parity(
+    form = choose_adapter_form(model, adapter_form, held_out, example, tmp, opset)
+    session, converted = _write_graph(fused, example, tmp / "model.onnx", precision, opset)
+    onnx_out = [_run(session, names, b) for b in held_out]
+    real_out = [_run(session, names, b) for b in real]
+    parity = _parity(
+        precision,
+        (np.concatenate(reference), np.concatenate(onnx_out), ids, held_out),
+        (real_reference, real_out, real_ids, real),
+        num_classes,
+        model.task_names,
+    )
+    _check_bar(parity, precision, "model.onnx")
+    parity["max_padding_logit"] = _max_padding(np.concatenate(onnx_out), ids, num_classes)
+    if (parity["max_padding_logit"] or PAD_LOGIT) > PAD_LOGIT / 10:
+        raise UserError(
+            f"model.onnx's padding logits reach {parity['max_padding_logit']:.3g}"
+            f"; they must stay near {PAD_LOGIT:g}"
+        )
+    files = ["model.onnx"]
+    per_task_files = {}
+    if per_task:
+        parity["per_task_graphs"] = {}
+        for t, name in enumerate(model.task_names):
+            single = SingleTaskGraph(task_subset(model, [t])).eval()
+            file = _graph_file(name, t)
+            # per-task graphs take one row per input; the example's rows are distinct
+            example_rows = first.expanded()
+            one, _ = _write_graph(
+                single, tuple(example_rows[n] for n in names), tmp / file, precision, opset
+            )
+            rows = [(b, (b.task_ids == t).numpy()) for b in held_out]
+            got = np.concatenate([_run(one, names, b, fused=False)[r] for b, r in rows])
+            want = np.concatenate(
+                [o[r, : num_classes[t]] for o, (_, r) in zip(onnx_out, rows, strict=True)]
+            )
+            ref = np.concatenate(
+                [o[r, : num_classes[t]] for o, (_, r) in zip(reference, rows, strict=True)]
+            )
+            zeros = np.zeros(len(got), dtype=np.int64)
+            vs_fused = compare(want, got, zeros, [num_classes[t]], [name])
+            vs_torch = compare(ref, got, zeros, [num_classes[t]], [name])
+            _check_bar(vs_torch, precision, file)
+            if precision == "fp32":
+                _check_bar(vs_fused, precision, f"{file} (against model.onnx)")
+            parity["per_task_graphs"][name] = {
+                "file": file,
+                "rows": vs_torch["rows"],
+                "max_abs_logit_diff": vs_torch["max_abs_logit_diff"],
+                "top1_agreement": vs_torch["top1_agreement"],
+                "max_abs_logit_diff_vs_fused": vs_fused["max_abs_logit_diff"],
+                "top1_agreement_vs_fused": vs_fused["top1_agreement"],
+            }
+            per_task_files[name] = file
+            files.append(file)
+    if modality == "text":
+        tokenizer = bundle_manifest["preprocessing"].get("tokenizer", "tokenizer.json")
+        shutil.copyfile(bundle / tokenizer, tmp / "tokenizer.json")
+        files.append("tokenizer.json")
+
+    parity.update(
+        {
+            "inputs": (
+                f"synthesized held-out inputs, seed 0, {ROWS_PER_TASK} rows per task, "
+                "tasks mixed within batches of 16 and 7 distinct inputs, each batch also "
+                "asking its first input for every task, its second twice and its third for "
+                "one more task, through the bundle's preprocessing (the bundle's data paths "
+                "are not used); plus, when the bundle has them, its sample of real inputs "
+                f"({len(real_ids)} rows here), batched the same way"
+            ),
+            "reference": (
+                "PyTorch MultiTaskModel.forward, fp32, CPU, every row on its own copy of "
+                "its input (no fan-out)"
+            ),
+            "provider": "CPUExecutionProvider",
+            "bar": PARITY_BARS[precision],
+        }
+    )
+    c_max = max(num_classes)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "modality": modality,
+        "backbone": bundle_manifest["backbone"],
+        "tasks": task_entries(
+            model.task_names, [bundle_tasks[name]["classes"] for name in model.task_names]
+        ),
+        "inputs": graph_inputs(modality, image_size),
+        "outputs": [
+            {
+                "name": "logits",
+                "dtype": "float32",
+                "shape": ["rows", c_max],
+                "padding_logit": PAD_LOGIT,
+            }
+        ],
+        "preprocessing": bundle_manifest["preprocessing"],
+        "opset": opset,
+        "precision": precision,
+        **({"fp16_ops_kept_fp32": converted} if precision == "fp16" else {}),
+        **({"int8": converted} if precision == "int8" else {}),
+        "adapter_form": form,
+        "shared_blocks": model.shared_blocks,
+        "sha256": {f: sha256_file(tmp / f) for f in files},
+        **({"per_task": per_task_files} if per_task else {}),
+        "parity": parity,
+        "source_bundle": {
+            "path": str(bundle.resolve()),
+            "manifest_sha256": sha256_file(bundle / MANIFEST),
+            "tasks": [t["name"] for t in bundle_manifest["tasks"]],
+            "surgery": bundle_manifest.get("surgery"),
+            "heads": bundle_manifest.get("heads"),
+            **{
+                k: bundle_manifest[k]
+                for k in ("suite", "merge", "accuracy")
+                if k in bundle_manifest
+            },
+        },
+        "exporter": {
+            "method": "torch.onnx.export(dynamo=True)",
+            "torch": torch.__version__,
+            **_versions(),
+        },
+    }
+
+    def check(path: Path, what: str) -> dict:
+        """``path`` (a rewritten fused graph without ``input_index``: every row its own
+        input) against the same PyTorch reference and bar."""
+        session = cpu_session(path, precision=precision)
+
+        def run(batch: HeldOutBatch) -> np.ndarray:
+            feed = {n: v.numpy() for n, v in batch.expanded().items() if n in names}
+            return session.run(["logits"], {**feed, TASK_IDS: batch.task_ids.numpy()})[0]
+
+        record = _parity(
             precision,
-            (np.concatenate(reference), np.concatenate(onnx_out), ids, held_out),
-            (real_reference, real_out, real_ids, real),
+            (np.concatenate(reference), np.concatenate([run(b) for b in held_out]), ids, held_out),
+            (real_reference, [run(b) for b in real], real_ids, real),
             num_classes,
             model.task_names,
         )
-        _check_bar(parity, precision, "model.onnx")
-        parity["max_padding_logit"] = _max_padding(np.concatenate(onnx_out), ids, num_classes)
-        if (parity["max_padding_logit"] or PAD_LOGIT) > PAD_LOGIT / 10:
-            raise UserError(
-                f"model.onnx's padding logits reach {parity['max_padding_logit']:.3g}"
-                f"; they must stay near {PAD_LOGIT:g}"
-            )
-        files = ["model.onnx"]
-        per_task_files = {}
-        if per_task:
-            parity["per_task_graphs"] = {}
-            for t, name in enumerate(model.task_names):
-                single = SingleTaskGraph(task_subset(model, [t])).eval()
-                file = _graph_file(name, t)
-                # per-task graphs take one row per input; the example's rows are distinct
-                example_rows = first.expanded()
-                one, _ = _write_graph(
-                    single, tuple(example_rows[n] for n in names), tmp / file, precision, opset
-                )
-                rows = [(b, (b.task_ids == t).numpy()) for b in held_out]
-                got = np.concatenate([_run(one, names, b, fused=False)[r] for b, r in rows])
-                want = np.concatenate(
-                    [o[r, : num_classes[t]] for o, (_, r) in zip(onnx_out, rows, strict=True)]
-                )
-                ref = np.concatenate(
-                    [o[r, : num_classes[t]] for o, (_, r) in zip(reference, rows, strict=True)]
-                )
-                zeros = np.zeros(len(got), dtype=np.int64)
-                vs_fused = compare(want, got, zeros, [num_classes[t]], [name])
-                vs_torch = compare(ref, got, zeros, [num_classes[t]], [name])
-                _check_bar(vs_torch, precision, file)
-                if precision == "fp32":
-                    _check_bar(vs_fused, precision, f"{file} (against model.onnx)")
-                parity["per_task_graphs"][name] = {
-                    "file": file,
-                    "rows": vs_torch["rows"],
-                    "max_abs_logit_diff": vs_torch["max_abs_logit_diff"],
-                    "top1_agreement": vs_torch["top1_agreement"],
-                    "max_abs_logit_diff_vs_fused": vs_fused["max_abs_logit_diff"],
-                    "top1_agreement_vs_fused": vs_fused["top1_agreement"],
-                }
-                per_task_files[name] = file
-                files.append(file)
-        if modality == "text":
-            tokenizer = bundle_manifest["preprocessing"].get("tokenizer", "tokenizer.json")
-            shutil.copyfile(bundle / tokenizer, tmp / "tokenizer.json")
-            files.append("tokenizer.json")
+        _check_bar(record, precision, what)
+        return record
 
-        parity.update(
-            {
-                "inputs": (
-                    f"synthesized held-out inputs, seed 0, {ROWS_PER_TASK} rows per task, "
-                    "tasks mixed within batches of 16 and 7 distinct inputs, each batch also "
-                    "asking its first input for every task, its second twice and its third for "
-                    "one more task, through the bundle's preprocessing (the bundle's data paths "
-                    "are not used); plus, when the bundle has them, its sample of real inputs "
-                    f"({len(real_ids)} rows here), batched the same way"
-                ),
-                "reference": (
-                    "PyTorch MultiTaskModel.forward, fp32, CPU, every row on its own copy of "
-                    "its input (no fan-out)"
-                ),
-                "provider": "CPUExecutionProvider",
-                "bar": PARITY_BARS[precision],
-            }
-        )
-        c_max = max(num_classes)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "modality": modality,
-            "backbone": bundle_manifest["backbone"],
-            "tasks": task_entries(
-                model.task_names, [bundle_tasks[name]["classes"] for name in model.task_names]
-            ),
-            "inputs": graph_inputs(modality, image_size),
-            "outputs": [
-                {
-                    "name": "logits",
-                    "dtype": "float32",
-                    "shape": ["rows", c_max],
-                    "padding_logit": PAD_LOGIT,
-                }
-            ],
-            "preprocessing": bundle_manifest["preprocessing"],
-            "opset": opset,
-            "precision": precision,
-            **({"fp16_ops_kept_fp32": converted} if precision == "fp16" else {}),
-            **({"int8": converted} if precision == "int8" else {}),
-            "adapter_form": form,
-            "shared_blocks": model.shared_blocks,
-            "sha256": {f: sha256_file(tmp / f) for f in files},
-            **({"per_task": per_task_files} if per_task else {}),
-            "parity": parity,
-            "source_bundle": {
-                "path": str(bundle.resolve()),
-                "manifest_sha256": sha256_file(bundle / MANIFEST),
-                "tasks": [t["name"] for t in bundle_manifest["tasks"]],
-                "surgery": bundle_manifest.get("surgery"),
-                "heads": bundle_manifest.get("heads"),
-                **{
-                    k: bundle_manifest[k]
-                    for k in ("suite", "merge", "accuracy")
-                    if k in bundle_manifest
-                },
-            },
-            "exporter": {
-                "method": "torch.onnx.export(dynamo=True)",
-                "torch": torch.__version__,
-                **_versions(),
-            },
-        }
-        write_json_atomic(tmp / MANIFEST, manifest)
-    return manifest, out
+    return VerifiedExport(tmp, files, manifest, check)
 
 
 def _max_padding(logits: np.ndarray, task_ids: np.ndarray, num_classes: list[int]) -> float | None:
