@@ -163,3 +163,37 @@ def test_a_pool_with_no_usable_rows(inductive_config, tmp_path, capsys):
     assert run_fit(inductive_config, tmp_path) == 2
     assert "task 'animals': no usable unlabeled inputs for the inductive pool" in _error(capsys)
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache" / "experts").exists()
+
+
+def test_without_labelled_validation_rows_the_bundle_is_chosen_by_agreement(
+    inductive_config, tmp_path
+):
+    """colours brings its own validation inputs without labels: every merged row is scored by
+    its agreement with the experts on the validation inputs, and the manifest says so."""
+    rows = distinct_rows(ANIMALS, 6, 9, 5000)  # inputs the pool does not hold
+    (tmp_path / "data" / "colours-val.txt").write_text("".join(t + "\n" for t, _ in rows))
+    text = inductive_config.read_text().replace(
+        'path = "{data}/colours"', 'path = "{data}/colours"\nvalidation = "{data}/colours-val.txt"'
+    )
+    inductive_config.write_text(text)
+    results = _fit(
+        inductive_config,
+        tmp_path,
+        tmp_path / "data",
+        "g",
+        "--set",
+        "merge.methods=['task_arithmetic', 'weight_averaging']",
+        "--set",
+        "surgery.methods=['task_arithmetic']",
+    )
+    bundle = results["bundle"]
+    assert bundle["criterion"] == "agreement" and results["validation"]["criterion"] == "agreement"
+    assert list(bundle["scores"]) == [
+        "task_arithmetic/none",
+        "task_arithmetic/surgeryv2",
+        "weight_averaging/none",
+    ]
+    assert all(0.0 <= s <= 1.0 for s in bundle["scores"].values())
+    assert bundle["row"] == max(bundle["scores"], key=bundle["scores"].get)
+    manifest = json.loads((tmp_path / "g" / "bundle" / "manifest.json").read_text())
+    assert manifest["bundle"] == bundle
