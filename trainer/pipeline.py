@@ -141,7 +141,9 @@ class Experiment:
             hparams = result.chosen
             log.info("%s", search_line(result, self.validation, self.validation_notes()))
             self.lap("search")
-        state = merge(method, self.base_state, experts, hparams, context)
+            state, result.state = result.state, None  # the winning merge, kept as scored
+        else:
+            state = merge(method, self.base_state, experts, hparams, context)
         if context is not None and method in context.extra:  # what it learned from the pool
             record = context.extra[method]
             self.learned[method] = {k: record[k] for k in LEARNED if k in record}

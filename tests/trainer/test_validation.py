@@ -178,7 +178,8 @@ def test_grid_search_finds_the_known_best_lambda():
         value = -abs(float(state["w"][0]) - 0.45)
         return value, [value]
 
-    result = search("task_arithmetic", BASE, EXPERTS, {"lam": Searched(LAMBDA_GRID)}, score)
+    lam = {"lam": Searched(LAMBDA_GRID)}
+    result = search("task_arithmetic", BASE, EXPERTS, lam, score, strategy="grid")
     assert result.chosen == {"lam": 0.45} and result.searched == ["lam"]
     assert [c["lam"] for c in result.candidates] == list(LAMBDA_GRID)
     assert len(result.candidates) == 20 and result.values() == "λ=0.45"
@@ -226,7 +227,7 @@ def test_a_pinned_value_disables_its_search(tmp_path):
     )
     assert cfg.merge.hparams("task_arithmetic") == {"lam": Searched((0.2, 0.7))}
     ties = cfg.merge.hparams("ties_merging")
-    result = search("ties_merging", BASE, EXPERTS, ties, lambda s: (0.0, [0.0]))
+    result = search("ties_merging", BASE, EXPERTS, ties, lambda s: (0.0, [0.0]), strategy="grid")
     assert result.searched == ["lam"] and result.pinned == ["k"] and result.chosen["k"] == 20.0
     assert "k" not in result.grid and len(result.candidates) == 20
 
@@ -347,9 +348,10 @@ def test_results_record_the_search(tiny_config, tmp_path, capsys):
     assert ta["search"]["criterion"] == "accuracy" and ta["search"]["grid"]["lam"] == list(
         LAMBDA_GRID
     )
-    assert len(ta["search"]["candidates"]) == 20 and ta["hparams"] == ta["search"]["chosen"]
+    assert ta["search"]["strategy"] == "coarse-to-fine" and ta["hparams"] == ta["search"]["chosen"]
+    assert len(ta["search"]["candidates"]) == ta["search"]["evaluated"] <= 10  # of 20
     ties = results["merge"]["ties_merging"]["search"]
-    assert len(ties["candidates"]) == 60 and set(ties["grid"]) == {"k", "lam"}
+    assert len(ties["candidates"]) == ties["evaluated"] <= 20 and set(ties["grid"]) == {"k", "lam"}
     assert results["merge"]["weight_averaging"] == {"hparams": {}, "search": None}
     assert results["validation"]["rows"] == {"animals": 12, "colours": 12}
     assert results["validation"]["source"] == {"animals": "train", "colours": "train"}
