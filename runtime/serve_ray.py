@@ -169,17 +169,21 @@ class ModelReplica:
         info = {"pid": os.getpid(), "node": ray.util.get_node_ip_address()}
         registry.add.remote(context.replica_id.to_full_id_str(), info)
 
-    async def call(self, protocol: str, method: str, payload: bytes):
-        """One RPC, serialized: (None, response bytes) or (status name, message)."""
+    def _start(self) -> None:
         if not self._started:  # the batcher's task needs the replica's running event loop
             self.core.start()
             self._started = True
+
+    async def call(self, protocol: str, method: str, payload: bytes):
+        """One RPC, serialized: (None, response bytes) or (status name, message)."""
+        self._start()
         adapter = self.adapters.get(protocol)
         if adapter is None:
             return "UNIMPLEMENTED", f"{protocol} is not served here (--protocols)"
         return await protocols.call(protocols.PROTOCOLS[protocol], adapter, method, payload)
 
     async def ready(self) -> bool:
+        self._start()
         return self.core.info().ready
 
     async def check_health(self) -> None:

@@ -16,9 +16,18 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from runtime_testkit import REPO, ServerThread, make_text_model_dir, text_request
+from runtime_testkit import (
+    REPO,
+    WORDS,
+    ServerThread,
+    make_text_model_dir,
+    run_oip_client,
+    softmax,
+    text_request,
+)
 
 from protos.deepsurgery.v1 import inference_pb2 as pb
 from protos.deepsurgery.v1 import inference_pb2_grpc as pb_grpc
@@ -139,7 +148,32 @@ def test_same_answers_health_and_reflection_as_runtime_server(ray_server):
     )
 
     services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
-    assert {"deepsurgery.v1.Inference", "grpc.health.v1.Health"} <= services
+    assert {
+        "deepsurgery.v1.Inference",
+        "inference.GRPCInferenceService",
+        "grpc.health.v1.Health",
+    } <= services
+
+
+def test_tritonclient_gets_the_same_answers_through_ray(ray_server, tmp_path):
+    server, _ = ray_server
+    texts = [f"{WORDS[i % len(WORDS)]} {WORDS[(3 * i) % len(WORDS)]}" for i in range(32)]
+    infer = {"model": "news", "input": "text", "datatype": "BYTES", "encoding": "text"}
+    spec = {
+        "models": ["news", "stars"],
+        "infer": [{**infer, "rows": texts}, {**infer, "model": "nope", "rows": ["x"]}],
+    }
+    report = run_oip_client(server.addr, spec, tmp_path)
+    stub = stub_of(server.addr)
+    want = [stub.Predict(text_request("news", t), timeout=30).predictions[0] for t in texts]
+    assert report["live"] and report["ready"] and report["models"]["stars"]["ready"]
+    assert report["models"]["news"]["metadata"]["versions"] == ["1"]
+    outputs = report["results"][0]["outputs"]
+    assert outputs["label"]["data"] == [p.label for p in want]
+    expected = np.stack([softmax(p.logits) for p in want])
+    np.testing.assert_allclose(outputs["probabilities"]["data"], expected, atol=1e-5)
+    error = report["results"][1]["error"]
+    assert error["code"] == "NOT_FOUND" and "unknown model 'nope'" in error["message"]
 
 
 def test_max_queue_refuses_a_burst_with_resource_exhausted(ray_server):
