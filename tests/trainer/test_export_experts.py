@@ -161,3 +161,48 @@ def test_dump_toml_reads_back():
         "tasks": [{"name": "t", "path": "{data}/t"}, {"name": "u", "path": "/p/u"}],
     }
     assert tomllib.loads(dump_toml(raw)) == raw
+
+
+def test_hf_vision_expert_and_base_written_in_their_format_and_read_back(tmp_path):
+    """The hf_vision kind's writers: save_pretrained + preprocessor + head file, read back by
+    the hf_vision expert format to the same tensors; the base reloads as the same function."""
+    from transformers import ViTConfig, ViTModel
+
+    from trainer.backbones import HFVisionBackbone
+    from trainer.experts.expert import Expert
+    from trainer.experts.formats import ExpertSource, load_expert
+    from trainer.export_experts import write_base, write_expert
+    from trainer.surgery.model import TaskHead
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=16,
+        patch_size=8,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+    )
+    ViTModel(config, add_pooling_layer=False).save_pretrained(tmp_path / "vit")
+    base = HFVisionBackbone(tmp_path / "vit")
+    generator = torch.Generator().manual_seed(1)
+    state = {
+        k: v + 0.01 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+        for k, v in base.state_dict().items()
+    }
+    head = TaskHead(torch.randn(2, base.feature_dim, generator=generator), torch.zeros(2))
+    files = write_expert(
+        tmp_path / "cats", base, Expert("cats", state, head, "fine-tuned"), ["a", "b"]
+    )
+    assert files == {"expert": ".", "head": "head.safetensors"}
+    source = ExpertSource(tmp_path / "cats", "cats", ["a", "b"], base, base.state_dict())
+    loaded = load_expert(source)
+    assert loaded.format == "hf_vision" and loaded.classes == ["a", "b"]
+    for key, value in state.items():
+        torch.testing.assert_close(loaded.state[key], value, atol=0, rtol=0)
+    torch.testing.assert_close(loaded.head.weight, head.weight, atol=0, rtol=0)
+    assert write_base(tmp_path / "base", base) == "."
+    again = HFVisionBackbone(tmp_path / "base")
+    pixels = torch.randn(2, 3, 16, 16, generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(again({"pixel_values": pixels}), base({"pixel_values": pixels}))
