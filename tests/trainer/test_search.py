@@ -18,6 +18,7 @@ from trainer.merging.search import COARSE_TO_FINE, GRID, search
 from trainer.merging.ties import K_GRID
 from trainer.merging.ties import LAMBDA_GRID as TIES_GRID
 from trainer.pipeline import prepare
+from trainer.results.report import search_line
 from trainer.results.stats import average_interval
 
 # one expert whose task vector is [1, 0]: task arithmetic's w[0] IS λ
@@ -212,3 +213,5 @@ def test_on_a_tiny_real_merge_the_same_choice_as_the_grid(tiny_config, text_task
     result = exp.searches["task_arithmetic"]
     assert result.state is None  # handed to the caller, not held twice
     assert hparams == result.chosen and exp.scorer()(state)[0] == result.score
+    line = search_line(result, exp.validation, [])
+    assert f"{result.evaluated} of 20 candidates (coarse-to-fine)" in line

@@ -176,7 +176,8 @@ def _avg_text(row: dict) -> str:
 
 def search_line(result: SearchResult, validation: ValidationSet, notes: list[str]) -> str:
     """One log line per search: ``task_arithmetic: λ=0.45 chosen on validation (avg 71.2 %,
-    grid 0.05..1.0, 20 candidates, 84 s)``, saying how and on what it was chosen."""
+    grid 0.05..1.0, 9 of 20 candidates (coarse-to-fine), 31 s)``, saying how and on what it
+    was chosen."""
     if validation.criterion == "accuracy":
         how, avg = "on validation", f"avg {100 * result.score:.1f} %"
     else:
@@ -185,8 +186,7 @@ def search_line(result: SearchResult, validation: ValidationSet, notes: list[str
     pinned = f", {result.pinned_values()} pinned" if result.pinned else ""
     return (
         f"{result.method}: {result.values()} chosen {how}{pinned} ({avg}, {result.grid_text()}, "
-        f"{len(result.candidates)} candidates, {result.seconds:.0f} s)"
-        + "".join(f"; {note}" for note in notes)
+        f"{result.counted()}, {result.seconds:.0f} s)" + "".join(f"; {note}" for note in notes)
     )
 
 
