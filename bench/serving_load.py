@@ -7,6 +7,7 @@
     python -m bench.serving_load --model DIR --scenario hot-swap [--swaps 3] [--duration-s 10]
     python -m bench.serving_load --model DIR --scenario mixes
         [--mixes distinct,uniform,zipf,identical,star-heavy] [--servers fused,naive,group-by-task]
+    python -m bench.serving_load --model DIR --scenario protocols [--v2-rows 1,8] [--rounds 2]
 
 Scenarios other than the default (each prints a table whose last line is a one-line summary
 and writes bench/results/serving_<scenario>.json, with the load averages before and after):
@@ -29,6 +30,12 @@ and writes bench/results/serving_<scenario>.json, with the load averages before 
   rotating order, so drift in the machine's load hits them alike. Throughput (requests and
   predictions per second: a `*` is T predictions), p50/p99, errors and peak RSS in one
   table; writes bench/results/serving_mixes.json.
+- protocols: one runtime.server answers the same closed-loop load (a uniform mix of the tasks,
+  no `*`: the Open Inference Protocol has no all-tasks model) through deepsurgery.v1 Predict
+  and through the Open Inference Protocol's ModelInfer with each `--v2-rows` rows per request
+  (the rows of one request are rows of the batcher); the protocols take turns `--rounds`
+  times. Requests and predictions per second, latency, errors, and v2's predictions per second
+  over v1's; writes bench/results/serving_protocols.json.
 
 Fused: one `runtime.server` on model.onnx answers every task (and `*`) from one batched
 backbone pass. Naive: one `runtime.server --task NAME` process per task, each on its `per_task`
@@ -172,6 +179,8 @@ class LoadSpec:
     seed: int = 0
     fan_out_star: bool = False  # naive: "*" is one request per task server, task field each
     plan: list[tuple[str, int]] | None = None  # (kind, input) per request; None: uniform kinds
+    protocol: str = "deepsurgery.v1"  # or "open-inference": ModelInfer (no "*" kind)
+    rows: int = 1  # open-inference: input rows per ModelInfer (consecutive inputs)
 
 
 @dataclass
@@ -183,16 +192,30 @@ class LoadResult:
     error_samples: list[str] = field(default_factory=list)
 
 
+def open_inference_request(model: str, field: str, items: list):
+    """A ModelInfer of `items` (strings or encoded images) as one BYTES tensor [N], raw."""
+    import struct
+
+    from protos.inference import grpc_predict_v2_pb2 as v2
+
+    raw = [x.encode() if isinstance(x, str) else x for x in items]
+    tensor = v2.ModelInferRequest.InferInputTensor(name=field, datatype="BYTES", shape=[len(raw)])
+    contents = b"".join(struct.pack("<I", len(b)) + b for b in raw)
+    return v2.ModelInferRequest(model_name=model, inputs=[tensor], raw_input_contents=[contents])
+
+
 async def _load(spec: LoadSpec) -> LoadResult:
     import grpc
 
     from protos.deepsurgery.v1 import inference_pb2 as pb
     from protos.deepsurgery.v1 import inference_pb2_grpc as pb_grpc
+    from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 
+    v2 = spec.protocol == "open-inference"
+    make_stub = v2_grpc.GRPCInferenceServiceStub if v2 else pb_grpc.InferenceStub
     addrs = sorted({a for v in spec.routes.values() for a in v})
     stubs = {
-        a: [pb_grpc.InferenceStub(grpc.aio.insecure_channel(a)) for _ in range(spec.channels)]
-        for a in addrs
+        a: [make_stub(grpc.aio.insecure_channel(a)) for _ in range(spec.channels)] for a in addrs
     }
     rng = random.Random(spec.seed)
     plan = spec.plan or [
@@ -203,12 +226,21 @@ async def _load(spec: LoadSpec) -> LoadResult:
     def request(task: str, i: int) -> pb.PredictRequest:
         return pb.PredictRequest(task=task, input=pb.Input(**{spec.field: spec.inputs[i]}))
 
+    def infer_request(task: str, i: int):
+        n = len(spec.inputs)
+        return open_inference_request(
+            task, spec.field, [spec.inputs[(i + r) % n] for r in range(spec.rows)]
+        )
+
     async def one(kind: str, i: int, client: int) -> None:
         calls = []
         for addr in spec.routes[kind]:
             task = task_of[addr] if spec.fan_out_star and kind == "*" else kind
             stub = stubs[addr][client % spec.channels]
-            calls.append(stub.Predict(request(task, i), timeout=120))
+            if v2:
+                calls.append(stub.ModelInfer(infer_request(task, i), timeout=120))
+            else:
+                calls.append(stub.Predict(request(task, i), timeout=120))
         await asyncio.gather(*calls)
 
     latencies: list[float] = []
@@ -663,6 +695,71 @@ def scenario_ray(args, flags: list[str], common: dict) -> int:
     return 1 if errors else 0
 
 
+def scenario_protocols(args, flags: list[str], common: dict, tasks: list[str]) -> int:
+    """deepsurgery.v1 vs the Open Inference Protocol on one server, taking turns."""
+    load_before = loadavg()
+    v2_rows = [int(x) for x in args.v2_rows.split(",")]
+    runs = [("deepsurgery.v1", 1)] + [("open-inference", n) for n in v2_rows]
+    per_round = max(1, args.requests // args.rounds)
+    results: dict[tuple[str, int], list[LoadResult]] = {r: [] for r in runs}
+    server = ServerProcess(args.model, *flags)
+    try:
+        for k in range(args.rounds):
+            for protocol, rows in runs[k % len(runs) :] + runs[: k % len(runs)]:
+                spec = LoadSpec(
+                    routes={t: [server.addr] for t in tasks},
+                    **(common | {"kinds": tasks, "requests": per_round}),
+                    protocol=protocol,
+                    rows=rows,
+                )
+                results[protocol, rows].append(run_load(spec))
+        memory = server.memory()["peak_kib"]
+    finally:
+        server.stop()
+    table = []
+    for (protocol, rows), parts in results.items():
+        merged = LoadResult(
+            sum(r.requests for r in parts),
+            sum(r.errors for r in parts),
+            sum(r.seconds for r in parts),
+            [x for r in parts for x in r.latencies_ms],
+            [x for r in parts for x in r.error_samples][:5],
+        )
+        name = "Predict" if protocol == "deepsurgery.v1" else f"ModelInfer x{rows}"
+        row = summarize(f"{protocol} {name}", merged, memory, 1)
+        row["protocol"], row["rows_per_request"] = protocol, rows
+        row["predictions_per_s"] = round(merged.requests * rows / merged.seconds, 1)
+        table.append(row)
+    v1 = table[0]["predictions_per_s"]
+    for row in table:
+        row["vs_v1"] = round(row["predictions_per_s"] / v1, 3)
+    errors = sum(r["errors"] for r in table)
+    parts = [
+        f"{r['deployment']} {r['predictions_per_s']} pred/s ({r['vs_v1']:.2f}x)" for r in table
+    ]
+    summary = (
+        f"protocols ({len(tasks)} tasks, {args.clients} clients): {', '.join(parts)}; "
+        f"errors {errors}"
+    )
+    cols = ["deployment", "requests", "errors", "throughput_rps", "predictions_per_s", "vs_v1"]
+    cols += ["p50_ms", "p99_ms", "server_peak_rss_mib"]
+    report = {
+        "bench": "serving_load",
+        "scenario": "protocols",
+        "model": str(args.model),
+        "tasks": tasks,
+        "rows": table,
+        "v2_vs_v1": {r["deployment"]: r["vs_v1"] for r in table[1:]},
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
+        "settings": vars(args) | {"model": str(args.model), "out": str(args.out)},
+        "summary": summary,
+    }
+    write_report(args, "protocols", report)
+    print_rows(table, cols, summary)
+    return 1 if errors else 0
+
+
 MIXES = ("distinct", "uniform", "zipf", "identical", "star-heavy")
 SERVERS = ("fused", "naive", "group-by-task")
 ZIPF_EXPONENT = 2.0  # task i (1-based) gets weight 1/i^2: with 4 tasks the first has 70%
@@ -809,7 +906,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.serving_load", description=__doc__)
     p.add_argument(
         "--scenario",
-        choices=["fused-vs-naive", "ray", "overload", "hot-swap", "mixes"],
+        choices=["fused-vs-naive", "ray", "overload", "hot-swap", "mixes", "protocols"],
         default="fused-vs-naive",
     )
     p.add_argument("--replicas", default="1,2", help="ray: replica counts to compare")
@@ -820,6 +917,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--swaps", type=int, default=3, help="hot-swap: versions swapped in")
     p.add_argument("--mixes", default=",".join(MIXES), help="mixes: the task mixes to run")
     p.add_argument("--servers", default=",".join(SERVERS), help="mixes: the deployments")
+    p.add_argument("--v2-rows", default="1,8", help="protocols: rows per ModelInfer to measure")
     p.add_argument(
         "--rounds", type=int, default=2, help="mixes: turns per deployment (requests split)"
     )
@@ -879,6 +977,8 @@ def main(argv: list[str] | None = None) -> int:
         return scenario_ray(args, flags, common)
     if args.scenario == "mixes":
         return scenario_mixes(args, flags, common, tasks)
+    if args.scenario == "protocols":
+        return scenario_protocols(args, flags, common, tasks)
     rows = []
     fused = ServerProcess(args.model, *flags)
     try:

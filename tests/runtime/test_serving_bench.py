@@ -1,6 +1,7 @@
 """bench.serving_load's overload and hot-swap scenarios at tiny sizes: they run end to end,
 print a table ending in a one-line summary and write their JSON (the ray scenario drives the
-same runtime.serve_ray that test_serve_ray covers)."""
+same runtime.serve_ray that test_serve_ray covers); the protocols scenario and
+bench.core_overhead likewise."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from runtime_testkit import REPO
 
 
@@ -85,3 +87,51 @@ def test_mix_plans():
     star = [k for k, _ in mix_plan("star-heavy", tasks, 4000, 5)]
     assert 0.45 < star.count("*") / 4000 < 0.55
     assert all(0 <= i < 5 for _, i in mix_plan("uniform", tasks, 100, 5))
+
+
+def test_protocols_scenario_compares_v2_with_v1(text_model_dir, tmp_path):
+    out = tmp_path / "protocols.json"
+    result = run_bench(
+        "--model", str(text_model_dir), "--scenario", "protocols", "--requests", "120",
+        "--clients", "8", "--warmup", "10", "--v2-rows", "1,4", "--rounds", "2",
+        "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("protocols (2 tasks, 8 clients)") and last.endswith("errors 0")
+    report = json.loads(out.read_text())
+    rows = {(r["protocol"], r["rows_per_request"]): r for r in report["rows"]}
+    assert set(rows) == {("deepsurgery.v1", 1), ("open-inference", 1), ("open-inference", 4)}
+    assert all(r["errors"] == 0 and r["requests"] == 120 for r in rows.values())
+    four = rows["open-inference", 4]
+    assert four["predictions_per_s"] == pytest.approx(4 * four["throughput_rps"], rel=0.01)
+    assert set(report["v2_vs_v1"]) == {
+        "open-inference ModelInfer x1",
+        "open-inference ModelInfer x4",
+    }
+
+
+def test_core_overhead_bench_reports_both_protocols(text_model_dir, tmp_path):
+    out = tmp_path / "core.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.core_overhead", "--model", str(text_model_dir),
+         "--requests", "100", "--clients", "8", "--warmup", "10", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith("core_overhead (news, 8 clients)")
+    report = json.loads(out.read_text())
+    assert [r["protocol"] for r in report["rows"]] == ["deepsurgery.v1", "open-inference"]
+    for r in report["rows"]:
+        assert 1 <= r["mean_batch_rows"] <= 32 and r["served_rows_per_s"] > 0
+        want = r["served_rows_per_s"] / r["bare_run_rows_per_s"]
+        assert r["ratio"] == pytest.approx(want, abs=1e-3)
+    assert report["batch_rows_histogram"]["+Inf"] > 0
+
+
+def test_batch_sizes_replayed_with_the_servers_mean():
+    from bench.core_overhead import sizes_with_mean
+
+    sizes = sizes_with_mean(5.25, 100, 32)
+    assert set(sizes) == {5, 6} and sum(sizes) / 100 == 5.25
+    assert sizes_with_mean(40.0, 3, 32) == [32, 32, 32] and sizes_with_mean(0.5, 2, 32) == [1, 1]
