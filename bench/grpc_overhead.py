@@ -6,10 +6,11 @@ The server runs in its own process with its default flags; the client sends sing
 Predicts one after another (no concurrency). The direct baseline runs the same preprocessed row
 through an onnxruntime session built with the server's own options (runtime.engine.Engine),
 in this process. Rounds alternate between the two so drift hits both alike. Three rows: the
-direct run, Predict with the row as `input.tensor` (transport + batching only), and Predict
-with the raw input (`input.text` / `input.image`: preprocessing included).
+direct run, Predict with the row as `input.tensor` (transport + batching only), Predict
+with the raw input (`input.text` / `input.image`: preprocessing included), and the Open
+Inference Protocol's ModelInfer of the same raw input (one BYTES row).
 Target: tensor Predict p50 <= 1.2x the direct p50 on CPU. Writes bench/results/grpc_overhead.json.
-`--ray` adds the same two Predicts through runtime.serve_ray (one replica on a local Ray: the
+`--ray` adds the same calls through runtime.serve_ray (one replica on a local Ray: the
 Serve proxy, the ingress and the replica), i.e. what the scale-out path adds per request.
 """
 
@@ -23,15 +24,21 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.serving_load import RESULTS, RayProcess, ServerProcess, model_inputs
+from bench.serving_load import (
+    RESULTS,
+    RayProcess,
+    ServerProcess,
+    model_inputs,
+    open_inference_request,
+)
 
 TARGET = 1.2
 
 
 def _path(kind: str) -> str:
-    if kind.startswith("ray "):
-        return f"serve_ray Predict(input.{kind[4:]})"
-    return f"Predict(input.{kind})"
+    ray, kind = kind.startswith("ray "), kind.removeprefix("ray ")
+    call = f"ModelInfer({kind[3:]})" if kind.startswith("v2 ") else f"Predict(input.{kind})"
+    return f"serve_ray {call}" if ray else call
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from protos.deepsurgery.v1 import inference_pb2 as pb
     from protos.deepsurgery.v1 import inference_pb2_grpc as pb_grpc
+    from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
     from runtime.engine import Engine
     from runtime.manifest import ModelDirError, load_model_dir
     from runtime.preprocess import make_preprocessor
@@ -75,22 +83,28 @@ def main(argv: list[str] | None = None) -> int:
         "tensor": pb.PredictRequest(task=task, input=pb.Input(tensor=tensor)),
         field: pb.PredictRequest(task=task, input=pb.Input(**{field: raw})),
     }
+    infer = open_inference_request(task, field, [raw])
 
     server = ServerProcess(args.model, "--providers", args.providers)
     ray = RayProcess(args.model, 1, "--providers", args.providers) if args.ray else None
-    times: dict[str, list[float]] = {"direct": [], "tensor": [], field: []}
+    times: dict[str, list[float]] = {"direct": [], "tensor": [], field: [], f"v2 {field}": []}
     if ray:
-        times |= {"ray tensor": [], f"ray {field}": []}
+        times |= {"ray tensor": [], f"ray {field}": [], f"ray v2 {field}": []}
     try:
         channel = grpc.insecure_channel(server.addr)
         stub = pb_grpc.InferenceStub(channel)
         calls = {"direct": lambda: engine.run_feeds(feeds)}
         for kind, req in requests.items():
             calls[kind] = lambda req=req: stub.Predict(req, timeout=60)
+        v2_stub = v2_grpc.GRPCInferenceServiceStub(channel)
+        calls[f"v2 {field}"] = lambda: v2_stub.ModelInfer(infer, timeout=60)
         if ray:
-            ray_stub = pb_grpc.InferenceStub(grpc.insecure_channel(ray.addr))
+            ray_channel = grpc.insecure_channel(ray.addr)
+            ray_stub = pb_grpc.InferenceStub(ray_channel)
             for kind, req in requests.items():
                 calls[f"ray {kind}"] = lambda req=req: ray_stub.Predict(req, timeout=60)
+            ray_v2 = v2_grpc.GRPCInferenceServiceStub(ray_channel)
+            calls[f"ray v2 {field}"] = lambda: ray_v2.ModelInfer(infer, timeout=60)
         for fn in calls.values():
             for _ in range(args.warmup):
                 fn()
@@ -123,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = (
         f"grpc_overhead: Predict(tensor) p50 {p50['tensor']:.3f} ms = {ratio:.2f}x session.run "
         f"{p50['direct']:.3f} ms (target <= {TARGET}x: {'met' if ratio <= TARGET else 'NOT met'}); "
-        f"Predict({field}) {raw_ratio:.2f}x; providers {engine.providers[0]}"
+        f"Predict({field}) {raw_ratio:.2f}x; ModelInfer({field}) "
+        f"{p50[f'v2 {field}'] / p50['direct']:.2f}x; providers {engine.providers[0]}"
     )
     if ray:
         summary += f"; via Ray Serve {p50['ray tensor'] / p50['direct']:.2f}x"
@@ -136,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "ratio_tensor": round(ratio, 3),
         "ratio_raw": round(raw_ratio, 3),
+        "ratio_open_inference": round(p50[f"v2 {field}"] / p50["direct"], 3),
         "target": TARGET,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
