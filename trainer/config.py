@@ -160,6 +160,16 @@ class Config:
     tasks: list[TaskConfig] = field(default_factory=list)
     demo: dict = field(default_factory=dict)  # options of the generated demo data
 
+    def merged_rows(self) -> list[str]:
+        """``<method>/<mode>`` of every merged row the config runs, in the order it runs them."""
+        surgered = self.surgery.methods or self.merge.methods
+        return [
+            f"{m}/{mode}"
+            for m in self.merge.methods
+            for mode in self.surgery.modes
+            if mode == "none" or m in surgered
+        ]
+
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "backbone": self.backbone.fields()}
 
@@ -428,13 +438,7 @@ def _validate_bundle_choice(config: Config) -> None:
     choice = config.output.bundle
     if choice == "best":
         return
-    surgered = config.surgery.methods or config.merge.methods
-    rows = [
-        f"{m}/{mode}"
-        for m in config.merge.methods
-        for mode in config.surgery.modes
-        if mode == "none" or m in surgered
-    ]
+    rows = config.merged_rows()
     if choice not in rows:
         raise UserError(
             f"output.bundle '{choice}' is not a row this config runs; use 'best' or one of: "

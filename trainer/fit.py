@@ -102,7 +102,8 @@ def fit(config: Config, *, data_root: Path, cache: Path, out: Path, device: str 
     surgery_stats: dict[str, dict] = {}
     best = None  # (row, model, hparams) of the row the bundle will hold
     # output.bundle = "best": every merged row is scored on the validation rows, never test
-    selecting = config.output.bundle == "best"
+    # (a single row needs no choosing)
+    selecting = config.output.bundle == "best" and len(config.merged_rows()) > 1
     bundle_scores: dict[str, float] = {}
     chosen: dict[str, dict] = {}  # method -> the hyper-parameters it used, and its search
     for method in config.merge.methods:
@@ -141,7 +142,7 @@ def fit(config: Config, *, data_root: Path, cache: Path, out: Path, device: str 
                 # a tie keeps the earlier row: the plain merge before its surgery
                 if bundle_scores[key] > max([*bundle_scores.values()][:-1], default=-1.0):
                     best = (rows[-1], model, hparams)
-            elif config.output.bundle == key:
+            elif config.output.bundle in (key, "best"):  # named, or the only merged row
                 best = (rows[-1], model, hparams)
 
     # ---- 5. outputs: the bias plot, the bundle, results.json, the table ----------------------
@@ -152,7 +153,9 @@ def fit(config: Config, *, data_root: Path, cache: Path, out: Path, device: str 
     if best is not None:
         bundle = {
             "row": f"{best[0]['method']}/{best[0]['surgery']}",
-            "criterion": exp.bundle_criterion() if selecting else "config",
+            "criterion": exp.bundle_criterion()
+            if selecting
+            else ("config" if config.output.bundle != "best" else "only row"),
             "scores": bundle_scores,
         }
     unlabeled = None if exp.pool is None else exp.pool.record(exp.names)

@@ -444,15 +444,6 @@ def gather_experts(
         for m in config.merge.methods
         for v in config.merge.hparams(m).values()
     )
-    # a task without validation rows has its searches (and the bundle's choice) scored on
-    # its unlabeled inputs
-    choosing = config.output.bundle == "best" and bool(config.merge.methods)
-    needs_pool = (searching or choosing) and any(t.validation is None for t in tasks)
-    pool = (
-        unlabeled_pool(config, tasks, data_root)
-        if wants_surgery or data_driven or needs_pool
-        else None
-    )
     for task in tasks:
         untrained = task.train is None or task.train.labels is None
         if untrained and task.name not in given:
@@ -465,6 +456,15 @@ def gather_experts(
                 f"multitask.enabled trains on every task's labelled train split and task "
                 f"'{task.name}' has none; set multitask.enabled = false or add one"
             )
+    # a task without validation rows has its searches (and the bundle's choice among several
+    # rows) scored on its unlabeled inputs
+    choosing = config.output.bundle == "best" and len(config.merged_rows()) > 1
+    needs_pool = (searching or choosing) and any(t.validation is None for t in tasks)
+    pool = (
+        unlabeled_pool(config, tasks, data_root)
+        if wants_surgery or data_driven or needs_pool
+        else None
+    )
     log.info(
         "%d tasks (%s) on %s, device %s",
         len(tasks),

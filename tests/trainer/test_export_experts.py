@@ -32,6 +32,8 @@ methods = ["task_arithmetic"]
 rank = 4
 iterations = 4
 batch_size = 8
+# transductive: the text_tasks fixture repeats its six sentences per task in train and test
+unlabeled = "test"
 """
 
 

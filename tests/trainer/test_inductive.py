@@ -19,7 +19,7 @@ def inductive_config(tmp_path, tiny_bert_dir) -> Path:
     write_distinct_tasks(tmp_path / "data", copies=3)
     path = tmp_path / "inductive.toml"
     path.write_text(f"""
-name = "inductive"
+name = "pool"
 [backbone]
 kind = "hf_text"
 path = "{tiny_bert_dir}"
@@ -118,9 +118,17 @@ def test_transductive_protocol_is_named(inductive_config, tmp_path, capsys):
         "merge.methods=['task_arithmetic']",
         "--set",
         "surgery.methods=[]",
+        "--set",
+        "surgery.modes=['surgeryv2']",
     )
     assert results["unlabeled"]["protocol"] == "transductive"
     assert results["unlabeled"]["overlap_with_test"] == 48  # every scored test input
+    # one merged row: nothing to choose
+    assert results["bundle"] == {
+        "row": "task_arithmetic/surgeryv2",
+        "criterion": "only row",
+        "scores": {},
+    }
     assert "transductive (test inputs)" in capsys.readouterr().out.strip().splitlines()[-1]
 
 

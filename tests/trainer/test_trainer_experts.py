@@ -91,6 +91,8 @@ methods = ["task_arithmetic"]
 rank = 4
 iterations = 10
 batch_size = 8
+# transductive: the text_tasks fixture repeats its six sentences per task in train and test
+unlabeled = "test"
 """
         + "".join(
             f'[[tasks]]\nname = "{n}"\npath = "{{data}}/{n}"\nexpert = "{folder}"\n'
