@@ -282,7 +282,12 @@ class Core:
             self.record(request.task, code, time.perf_counter() - start, request.protocol, model)
 
     def record(
-        self, task: str, code: str, seconds: float, protocol: str, model: InferenceModel = None
+        self,
+        task: str,
+        code: str,
+        seconds: float,
+        protocol: str,
+        model: InferenceModel | None = None,
     ) -> None:
         """Count one request in the metrics; an adapter calls it for a request it refused
         before `infer` (a malformed message)."""

@@ -239,3 +239,20 @@ def test_protocols_flag_serves_only_those_and_refuses_unknown_names(text_model_d
 
     with pytest.raises(ValueError, match="unknown 'kserve'; known: deepsurgery.v1,open-inference"):
         ServerOptions(model=text_model_dir, protocols=("kserve",)).check()
+
+
+def test_bytes_tensors_round_trip_and_disagreeing_data_is_refused():
+    from runtime.api import InvalidArgument
+    from runtime.protocols.open_inference import decode_bytes, encode_bytes
+
+    items = [b"", b"caf\xc3\xa9", b"x" * 300]
+    raw = encode_bytes(items)
+    assert decode_bytes(raw, 3, "input 'text'") == items
+    for data, count, needle in [
+        (raw, 4, "end after 3 of the 4 elements"),
+        (raw, 2, "bytes follow the 2 elements"),
+        (raw[:-1], 3, "element 2 claims 300 bytes but 299 remain"),
+        (raw[:2], 1, "end after 0 of the 1 elements"),
+    ]:
+        with pytest.raises(InvalidArgument, match=needle):
+            decode_bytes(data, count, "input 'text'")
