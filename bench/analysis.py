@@ -3,9 +3,14 @@
 
 Each analysis builds the trainer's ``Experiment`` once (tasks, cached experts, heads and the
 experts' representations), merges with task arithmetic, then varies one thing about surgery.
-Every evaluation in a run scores the same seeded subset of ``--eval-limit`` test rows per task,
-the reference rows (task arithmetic without surgery, the individual experts) included, so all
-numbers of one run are comparable with each other.
+
+Two splits, two jobs. A setting is CHOSEN on the validation rows (held out of each task's
+train split; ``Analysis.validate``: accuracy, or agreement with the experts where a task has
+no labelled validation rows), never on test. Test numbers (``Analysis.test``) are what a
+choice is reported with: every test evaluation in a run scores the same seeded subset of
+``--eval-limit`` test rows per task, the reference rows (task arithmetic without surgery, the
+individual experts) included, so they can be compared row for row (paired tests, gap closure
+with a paired-bootstrap interval) and each carries its 95 % interval (``ci95``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from trainer.config import load_config as load_trainer_config
 from trainer.errors import UserError, run_cli
 from trainer.pipeline import prepare, resolve_device
 from trainer.progress import quiet_libraries
+from trainer.results import stats
+from trainer.results.evaluate import Evaluation
 from trainer.results.report import save_plot
 
 METHOD = "task_arithmetic"  # the merge every analysis repairs, as in the paper's figures
@@ -132,7 +139,8 @@ def check_ranks(config, ranks: list[int], flag: str = "--ranks") -> None:
 
 
 class Analysis:
-    """One analysis run: the prepared experts, the eval subset, the references, the outputs."""
+    """One analysis run: the prepared experts, the eval subset, the references (on test and
+    on validation), the outputs."""
 
     def __init__(self, name: str, args: argparse.Namespace, config):
         self.name, self.args, self.config = name, args, config
@@ -146,8 +154,17 @@ class Analysis:
         self.names = self.experiment.names
         self.eval_rows = self._eval_rows(args.eval_limit)
         self.merged_state, self.hparams = self.experiment.merged(METHOD)
+        # what a choice is made by: "validation" (accuracy) or "agreement" with the experts
+        self.criterion = self.experiment.bundle_criterion()
+        self.correct: dict[str, stats.Correct] = {}  # test row label -> per-row correctness
+        self._validation_experts: Evaluation | None = None
+        merged = self.experiment.model(self.merged_state)
         self.individual = self._individual()
-        self.merged = self.score(self.experiment.model(self.merged_state), METHOD)
+        self.merged = self.test(merged, METHOD)
+        self.validation_reference = {
+            "individual": row(self._validate_experts()),
+            METHOD: self.validate(merged, METHOD),
+        }
 
     @property
     def iterations(self) -> int:
@@ -165,12 +182,55 @@ class Analysis:
         return rows
 
     def _individual(self) -> dict:
-        """The experts' accuracy on the eval subset, from their cached representations."""
-        return row(self.experiment.individual_accuracy(self.eval_rows).acc)
+        """The experts' test row on the eval subset, from their cached representations."""
+        evaluation = self.experiment.individual_accuracy(self.eval_rows)
+        self.correct["individual"] = evaluation.correct
+        return scored_row(evaluation)
 
-    def score(self, model, label: str) -> dict:
-        """``{"acc": {task: accuracy}, "avg": mean}`` on the eval subset."""
-        return row(self.experiment.evaluate(model, label, self.eval_rows).acc)
+    def test(self, model, label: str) -> dict:
+        """``{"acc", "avg", "ci95"}`` on the eval subset of the TEST split; the per-row
+        correctness is kept under ``label`` for :meth:`gap_closure` and :meth:`compare`.
+        Report a choice with it; never make one with it."""
+        evaluation = self.experiment.evaluate(model, label, self.eval_rows)
+        self.correct[label] = evaluation.correct
+        return scored_row(evaluation)
+
+    def validate(self, model, label: str) -> dict:
+        """``{"acc": {task: score}, "avg": mean}`` on the validation rows: accuracy, or (the
+        criterion "agreement") the share of rows predicted as the task's expert predicts
+        them. What every choice between settings is made by."""
+        evaluation = self.experiment.evaluate(model, label, split="validation")
+        if self.criterion == "validation":
+            return row(evaluation.acc)
+        if self._validation_experts is None:
+            self._validation_experts = self.experiment.individual_accuracy(split="validation")
+        return row(evaluation.agreement(self._validation_experts))
+
+    def _validate_experts(self) -> dict[str, float]:
+        """The experts' own validation score: their accuracy, or 1 (they agree with
+        themselves)."""
+        if self.criterion != "validation":
+            return {n: 1.0 for n in self.names}
+        return self.experiment.individual_accuracy(split="validation").acc
+
+    def validation_gap_closure(self, avg: float) -> float | None:
+        """``(avg − merged) / (individual − merged)`` on validation (None without a gap)."""
+        ref = self.validation_reference
+        gap = ref["individual"]["avg"] - ref[METHOD]["avg"]
+        return (avg - ref[METHOD]["avg"]) / gap if gap > 0 else None
+
+    def gap_closure(self, label: str) -> dict:
+        """Test row ``label``'s gap closure with its 95 % paired-bootstrap interval."""
+        return stats.gap_closure(
+            self.correct[label],
+            self.correct[METHOD],
+            self.correct["individual"],
+            self.config.seed,
+        ).to_json()
+
+    def compare(self, a: str, b: str) -> dict:
+        """Test rows ``a`` vs ``b`` on the same rows: the paired test and its verdict."""
+        return stats.compare(self.correct[a], self.correct[b], a, b).to_json()
 
     def surgery(self, mode: str, rank: int | None = None, **kwargs):
         """A fresh model on the merged backbone with ``mode`` adapters, trained; -> (model,
@@ -198,6 +258,12 @@ class Analysis:
             "iterations": self.iterations,
             "surgery": {k: getattr(sc, k) for k in ("batch_size", "lr", "loss", "seed")},
             "unlabeled": sc.unlabeled,
+            "chosen_on": self.criterion,
+            "validation": {
+                "criterion": self.criterion,
+                "rows": dict(zip(self.names, self.experiment.validation.rows())),
+                "reference": self.validation_reference,
+            },
             "eval_limit": self.args.eval_limit,
             "eval_rows": {
                 t.name: len(t.test) if self.eval_rows is None else len(self.eval_rows[i])
@@ -233,6 +299,35 @@ class Analysis:
 
 def row(acc: dict[str, float], **extra) -> dict:
     return {"acc": acc, "avg": sum(acc.values()) / len(acc), **extra}
+
+
+def scored_row(evaluation: Evaluation, **extra) -> dict:
+    """A test row: accuracies, their average and each one's 95 % interval (``ci95``)."""
+    return {
+        "acc": evaluation.acc,
+        "avg": evaluation.avg,
+        "ci95": stats.ci95(evaluation.correct),
+        **extra,
+    }
+
+
+def pm(entry: dict, key: str = "avg") -> str:
+    """``89.0±0.7``: a test accuracy and the larger side of its 95 % interval, in points."""
+    value = entry["avg"] if key == "avg" else entry["acc"][key]
+    ci = entry.get("ci95", {}).get(key)
+    if value is None or ci is None:
+        return pct(value)
+    return f"{100 * value:.1f}±{100 * max(value - ci[0], ci[1] - value):.1f}"
+
+
+def closure_text(closure: dict | None) -> str:
+    """``96 % [91, 101]``: gap closure and its 95 % interval ('n/a' without a gap)."""
+    if closure is None or closure["value"] is None:
+        return "n/a"
+    ci = closure["ci95"]
+    return f"{100 * closure['value']:.0f} %" + (
+        "" if ci is None else f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
+    )
 
 
 def pct(x: float | None) -> str:

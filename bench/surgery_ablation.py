@@ -6,21 +6,41 @@
 Every variant trains fresh SurgeryV2 adapters on the Task Arithmetic merge (the same merge,
 the same unlabeled inputs, the same seeded eval rows) with ONE surgery setting changed from
 the config's ``[surgery]``: ``iterations``, ``rank``, ``lr``, ``loss`` (l1, mse, cos) or
-``batch_size``, written ``key=value``; ``default`` is the config itself. Each row reports the
-average accuracy, the gap closure ``(avg - merged) / (individual - merged)``, its change from
-the default in points, and the seconds per iteration. A setting generalises when it helps on
-every suite it is run on, not on one: run the same variants on several configs and compare
-their rows (the results record the suite). Writes <out>/surgery_ablation_<config>.json and
-.png; the last printed line is a one-line summary.
+``batch_size``, written ``key=value``; ``default`` is the config itself.
+
+Every variant is scored on the VALIDATION rows (held out of each task's train split; by
+agreement with the experts where a task has none) and the best validation average is the
+chosen variant: the table's rows give each variant's validation scores, its validation gap
+closure ``(avg - merged) / (individual - merged)``, its change from the default in points and
+the seconds per iteration. Only the chosen variant, and the default it is compared with, are
+then scored on the test rows (the TEST lines): accuracy with its 95 % interval, gap closure
+with its paired-bootstrap interval, and paired tests against the experts and the default.
+Other variants' test numbers are never computed, so nothing about the test split can move the
+choice. A setting generalises when validation picks it on every suite it is run on, not on
+one: run the same variants on several configs and compare (the results record the suite).
+Writes <out>/surgery_ablation_<config>.json and .png; the last printed line is a one-line
+summary.
 """
 
 from __future__ import annotations
 
 import sys
 
-from bench.analysis import Analysis, check_ranks, load_config, parser, pct, row, run_main
+from bench.analysis import (
+    METHOD,
+    Analysis,
+    check_ranks,
+    closure_text,
+    load_config,
+    parser,
+    pct,
+    pm,
+    row,
+    run_main,
+)
 from bench.common import print_table
 from trainer.errors import UserError
+from trainer.results import stats
 from trainer.surgery.train import LOSSES
 
 NAME = "surgery_ablation"
@@ -95,59 +115,94 @@ def run(args) -> dict:
     check_ranks(config, [v["rank"] for _, v in variants if "rank" in v] or [sc.rank], "--variants")
 
     a = Analysis(f"{NAME}_{config.name}", args, config)
-    merged, individual = a.merged["avg"], a.individual["avg"]
-    gap = individual - merged
-    rows = []
+    # every variant is scored on VALIDATION; only the chosen one (and the default, the
+    # reference it is compared with) is ever scored on test
+    rows, models = [], {}
     for label, change in variants:
         settings = {**defaults, **change}
         rank = settings.pop("rank")
         model, result = a.surgery("surgeryv2", rank, **settings)
-        scored = a.score(model, f"SurgeryV2 {label}")
+        scored = a.validate(model, f"SurgeryV2 {label}")
         rows.append(
             row(
                 scored["acc"],
                 variant=label,
                 settings={**settings, "rank": rank},
-                gap_closure=(scored["avg"] - merged) / gap if gap > 0 else None,
+                gap_closure=a.validation_gap_closure(scored["avg"]),
                 seconds_per_iteration=round(result.seconds_per_iteration, 4),
                 loss_last=result.losses[-1] if result.losses else None,
             )
         )
+        # hold only the models test may still need: the best so far and the default
+        keep = {max(rows, key=lambda r: r["avg"])["variant"], "default"}  # a tie: the earlier
+        models = {k: m for k, m in {**models, label: model}.items() if k in keep}
+        del model
     base = next((r for r in rows if r["variant"] == "default"), None)
     for r in rows:
         r["delta_points"] = None if base is None else round(100 * (r["avg"] - base["avg"]), 2)
-    best = max(rows, key=lambda r: r["avg"])
-    closure = ", ".join(
-        f"{r['variant']} {100 * r['gap_closure']:.1f}%"
-        for r in rows
-        if r["gap_closure"] is not None
-    )
+
+    # ---- test: the chosen variant (and the default), with intervals and paired tests -------
+    chosen = max(rows, key=lambda r: r["avg"])
+    test_rows = {}
+    for label in dict.fromkeys([chosen["variant"], *([] if base is None else ["default"])]):
+        test_rows[label] = {
+            **a.test(models[label], label),
+            "gap_closure": a.gap_closure(label),
+            "vs_individual": a.compare(label, "individual"),
+        }
+    pick = test_rows[chosen["variant"]]
+    if base is not None and chosen is not base:
+        pick["vs_default"] = a.compare(chosen["variant"], "default")
+    verdict = pick.get("vs_default")
     summary = (
-        f"{config.name}: SurgeryV2 gap closure {closure}; best {best['variant']} "
-        f"{pct(best['avg'])}"
-        + (f" ({best['delta_points']:+.1f} vs default)" if base is not None else "")
+        f"{config.name}: chosen on {a.criterion} {chosen['variant']} "
+        f"({pct(chosen['avg'])} on validation"
+        + (f", {chosen['delta_points']:+.1f} vs default" if base is not None else "")
+        + f"); on test {pm(pick)}, gap closure {closure_text(pick['gap_closure'])}"
+        + (
+            ""
+            if verdict is None
+            else f", vs default {pm(test_rows['default'])}: {verdict['verdict']} "
+            f"(p = {stats.p_text(verdict['p_value'])})"
+        )
         + f"; {a.reference_text()}"
     )
-    data = a.result(defaults=defaults, rows=rows, summary=summary)
+    data = a.result(
+        defaults=defaults,
+        rows=rows,
+        chosen=chosen["variant"],
+        test=test_rows,
+        summary=summary,
+    )
 
     def draw(ax):
         labels = [r["variant"] for r in rows]
-        ax.barh(labels, [100 * r["avg"] for r in rows], color="tab:blue")
+        colours = ["tab:red" if r is chosen else "tab:blue" for r in rows]
+        ax.barh(labels, [100 * r["avg"] for r in rows], color=colours)
         ax.invert_yaxis()
+        ref = a.validation_reference
+        merged, individual = ref[METHOD]["avg"], ref["individual"]["avg"]
         low = min(100 * merged, *(100 * r["avg"] for r in rows)) - 2
-        ax.set_xlim(low, 100 * max(individual, best["avg"]) + 1)
-        ax.axvline(100 * merged, color="grey", ls="--", label="task_arithmetic (no surgery)")
+        ax.set_xlim(low, 100 * max(individual, chosen["avg"]) + 1)
+        ax.axvline(100 * merged, color="grey", ls="--", label=f"{METHOD} (no surgery)")
         ax.axvline(100 * individual, color="black", ls=":", label="individual experts")
-        ax.set_xlabel("average accuracy (%)")
+        ax.set_xlabel(f"average {a.criterion} score on validation (%); red: chosen")
         ax.set_title(a.title("SurgeryV2, one setting changed"))
         ax.legend(loc="lower right")
 
     a.write(data, draw)
     print_table(
-        ["variant", "s/it", *a.names, "avg", "gap closed", "vs default"],
+        [
+            "variant",
+            "s/it",
+            *(f"{t} (val)" for t in a.names),
+            "val avg",
+            "gap closed",
+            "vs default",
+        ],
         [
             [
-                r["variant"],
+                r["variant"] + (" *" if r is chosen else ""),
                 r["seconds_per_iteration"],
                 *(pct(r["acc"][t]) for t in a.names),
                 pct(r["avg"]),
@@ -155,6 +210,17 @@ def run(args) -> dict:
                 "" if r["delta_points"] is None else f"{r['delta_points']:+.1f}",
             ]
             for r in rows
+        ]
+        + [
+            [
+                f"TEST {label}",
+                "",
+                *(pm(entry, t) for t in a.names),
+                pm(entry),
+                closure_text(entry["gap_closure"]),
+                "",
+            ]
+            for label, entry in test_rows.items()
         ],
         summary,
     )

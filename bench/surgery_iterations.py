@@ -9,15 +9,28 @@ Merges with task arithmetic once, then trains Surgery and SurgeryV2 adapters of 
 the mode's budget (and at the budget itself), from a callback the surgery loop runs after a
 step; its time is not counted in seconds per iteration. Iteration 0 is the merged model: the
 adapters start as the identity (W_up = 0), so its score is the no-surgery reference.
+
+A curve, not a choice: every point is a test score with its 95 % interval, and the summary's
+"beats" / "below" / "ties within noise" is the paired test of the two points on the same rows.
 """
 
 from __future__ import annotations
 
 import sys
 
-from bench.analysis import MODE_LABELS, Analysis, load_config, parse_list, parser, pct, run_main
+from bench.analysis import (
+    METHOD,
+    MODE_LABELS,
+    Analysis,
+    load_config,
+    parse_list,
+    parser,
+    pm,
+    run_main,
+)
 from bench.common import print_table
 from trainer.errors import UserError
+from trainer.results.stats import p_text
 
 NAME = "surgery_iterations"
 MODES = ("surgery", "surgeryv2")
@@ -60,7 +73,7 @@ def run(args) -> dict:
 
         def record(step, model, mode=mode, marks=marks, scores=scores):
             if step in marks:
-                scores[step] = a.score(model, f"{MODE_LABELS[mode]} @{step}")
+                scores[step] = a.test(model, f"{MODE_LABELS[mode]} @{step}")
 
         _, result = a.surgery(mode, iterations=budget, callback=record)
         curves[mode] = [
@@ -78,11 +91,16 @@ def run(args) -> dict:
     v2 = curves["surgeryv2"]
     early = [p for p in v2 if p["iteration"] <= args.compare_at] or v2[:1]
     v2_point, v1_point = early[-1], curves["surgery"][-1]
-    beats = v2_point["avg"] > v1_point["avg"]
+    # a paired test on the same test rows (iteration 0 of either is the merged row itself)
+    labels = [
+        METHOD if p["iteration"] == 0 else f"{MODE_LABELS[m]} @{p['iteration']}"
+        for m, p in (("surgeryv2", v2_point), ("surgery", v1_point))
+    ]
+    paired = a.compare(*labels)
     summary = (
-        f"{config.name}: SurgeryV2 at {v2_point['iteration']} it {pct(v2_point['avg'])} "
-        f"{'beats' if beats else 'does not beat'} Surgery at {v1_point['iteration']} it "
-        f"{pct(v1_point['avg'])}; {a.reference_text()}"
+        f"{config.name}: SurgeryV2 at {v2_point['iteration']} it {pm(v2_point)} "
+        f"{paired['verdict']} Surgery at {v1_point['iteration']} it {pm(v1_point)} "
+        f"(paired p = {p_text(paired['p_value'])}); {a.reference_text()}"
     )
     data = a.result(
         iterations=budgets,
@@ -93,7 +111,8 @@ def run(args) -> dict:
             "surgeryv2_avg": v2_point["avg"],
             "surgery_iteration": v1_point["iteration"],
             "surgery_avg": v1_point["avg"],
-            "surgeryv2_beats_surgery": beats,
+            "paired": paired,
+            "surgeryv2_beats_surgery": paired["verdict"] == "beats",
         },
         summary=summary,
     )
@@ -108,11 +127,11 @@ def run(args) -> dict:
         ax.set_title(a.title(f"accuracy vs iterations, rank {config.surgery.rank}"))
 
     a.write(data, draw)
-    table = {m: {p["iteration"]: p["avg"] for p in curves[m]} for m in MODES}
+    table = {m: {p["iteration"]: p for p in curves[m]} for m in MODES}
     steps = sorted(set(table["surgery"]) | set(table["surgeryv2"]))
     print_table(
         ["iterations", *(f"{MODE_LABELS[m]} avg" for m in MODES)],
-        [[k, *(pct(table[m].get(k)) for m in MODES)] for k in steps],
+        [[k, *(pm(table[m][k]) if k in table[m] else "" for m in MODES)] for k in steps],
         summary,
     )
     return data

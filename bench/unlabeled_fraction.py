@@ -8,7 +8,8 @@ The pool is the config's unlabeled data (``surgery.unlabeled = "test"``: each ta
 inputs, the paper's setting). A fraction keeps a seeded random part of every task's pool, the
 smaller fractions nested in the larger ones; the experts' targets of those rows are the ones
 already computed for the pool, so nothing is recomputed. Every fraction trains for the same
-number of iterations and is scored on the same (``--eval-limit``) test rows.
+number of iterations and is scored on the same (``--eval-limit``) test rows, each with its 95 %
+interval and its gap closure with a paired-bootstrap interval. A curve: nothing is chosen.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import torch
 from bench.analysis import (
     MODE_LABELS,
     Analysis,
+    closure_text,
     load_config,
     parse_list,
     parser,
-    pct,
-    row,
+    pm,
     run_main,
 )
 from bench.common import print_table
@@ -65,20 +66,21 @@ def run(args) -> dict:
             targets.append(experiment.train_targets[t].take(torch.as_tensor(keep)))
             sizes[a.names[t]] = len(keep)
         model, result = a.surgery(args.mode, unlabeled=unlabeled, targets=targets)
-        scored = a.score(model, f"{MODE_LABELS[args.mode]} {fraction:g}")
+        label = f"{MODE_LABELS[args.mode]} {fraction:g}"
         rows.append(
-            row(
-                scored["acc"],
-                fraction=fraction,
-                unlabeled_rows=sizes,
-                seconds_per_iteration=round(result.seconds_per_iteration, 4),
-                loss_last=result.losses[-1] if result.losses else None,
-            )
+            {
+                **a.test(model, label),
+                "fraction": fraction,
+                "unlabeled_rows": sizes,
+                "gap_closure": a.gap_closure(label),
+                "seconds_per_iteration": round(result.seconds_per_iteration, 4),
+                "loss_last": result.losses[-1] if result.losses else None,
+            }
         )
 
     summary = (
         f"{config.name}: {MODE_LABELS[args.mode]} with "
-        + ", ".join(f"{100 * r['fraction']:g}% unlabeled {pct(r['avg'])}" for r in rows)
+        + ", ".join(f"{100 * r['fraction']:g}% unlabeled {pm(r)}" for r in rows)
         + f"; {a.reference_text()}"
     )
     data = a.result(
@@ -106,14 +108,15 @@ def run(args) -> dict:
 
     a.write(data, draw)
     print_table(
-        ["fraction", "rows/task", "s/it", *a.names, "avg"],
+        ["fraction", "rows/task", "s/it", *a.names, "avg", "gap closed"],
         [
             [
                 f"{100 * r['fraction']:g}%",
                 "/".join(str(n) for n in r["unlabeled_rows"].values()),
                 r["seconds_per_iteration"],
-                *(pct(r["acc"][t]) for t in a.names),
-                pct(r["avg"]),
+                *(pm(r, t) for t in a.names),
+                pm(r),
+                closure_text(r["gap_closure"]),
             ]
             for r in rows
         ],

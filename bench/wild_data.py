@@ -12,6 +12,9 @@ Rows, each a fresh SurgeryV2 on task arithmetic scored on the same test rows:
 Each task's targets are its own expert's representations of the pool (capped at --wild-limit
 seeded rows), so no labels are used anywhere. ``--sources`` defaults to every task when no
 ``--wild`` is given and to none otherwise; ``--sources ''`` runs the wild rows alone.
+Nothing is chosen: every row is a test score with its 95 % interval, and each other source is
+compared with the own pool by a paired test on the same test rows ("beats" / "below" / "ties
+within noise").
 """
 
 from __future__ import annotations
@@ -27,8 +30,7 @@ from bench.analysis import (
     load_config,
     parse_list,
     parser,
-    pct,
-    row,
+    pm,
     run_main,
     subset,
 )
@@ -129,28 +131,32 @@ def run(args) -> dict:
             unlabeled = [pool] * len(a.names)
             sizes = {n: len(pool) for n in a.names}
         model, result = a.surgery(args.mode, unlabeled=unlabeled, targets=targets)
-        scored = a.score(model, f"{MODE_LABELS[args.mode]} {label}")
+        name = f"{MODE_LABELS[args.mode]} {label}"
         rows.append(
-            row(
-                scored["acc"],
-                source=label,
-                kind=kind,
-                in_domain_for=in_domain,
-                unlabeled_rows=sizes,
-                seconds_per_iteration=round(result.seconds_per_iteration, 4),
-                loss_last=result.losses[-1] if result.losses else None,
-            )
+            {
+                **a.test(model, name),
+                "source": label,
+                "kind": kind,
+                "in_domain_for": in_domain,
+                "unlabeled_rows": sizes,
+                "seconds_per_iteration": round(result.seconds_per_iteration, 4),
+                "loss_last": result.losses[-1] if result.losses else None,
+            }
         )
+        if len(rows) == 1:
+            own_label = name
+        else:  # every other source against the own pool, on the same test rows
+            rows[-1]["vs_own"] = a.compare(name, own_label)
 
     own = rows[0]
     others = rows[1:]
-    summary = f"{config.name}: {MODE_LABELS[args.mode]} on own test inputs {pct(own['avg'])}"
+    summary = f"{config.name}: {MODE_LABELS[args.mode]} on its own pool {pm(own)}"
     if others:
         worst = min(others, key=lambda r: r["avg"])
         best = max(others, key=lambda r: r["avg"])
         summary += (
-            f", on other data {pct(worst['avg'])} ({worst['source']}) to "
-            f"{pct(best['avg'])} ({best['source']})"
+            f", on other data {pm(worst)} ({worst['source']}) to {pm(best)} ({best['source']}); "
+            + ", ".join(f"{r['source']} {r['vs_own']['verdict']} own" for r in others)
         )
     summary += f"; {a.reference_text()}"
     data = a.result(
@@ -186,14 +192,15 @@ def run(args) -> dict:
 
     a.write(data, draw)
     print_table(
-        ["unlabeled source", "rows", "s/it", *a.names, "avg"],
+        ["unlabeled source", "rows", "s/it", *a.names, "avg", "vs own (paired)"],
         [
             [
                 _label(r),
                 max(r["unlabeled_rows"].values()),
                 r["seconds_per_iteration"],
-                *(pct(r["acc"][t]) for t in a.names),
-                pct(r["avg"]),
+                *(pm(r, t) for t in a.names),
+                pm(r),
+                r["vs_own"]["verdict"] if "vs_own" in r else "",
             ]
             for r in rows
         ],

@@ -3,6 +3,7 @@ adamerging_curve) end to end on the tiny model: their JSON, plot and one-line er
 
 import json
 
+import numpy as np
 import pytest
 
 from bench import (
@@ -79,6 +80,11 @@ def test_surgery_iterations(tiny_config, tmp_path, cache, capsys):
             _check_row(point)
     assert data["modes"]["surgeryv2"]["seconds_per_iteration"] > 0
     assert data["comparison"]["surgeryv2_iteration"] == 2
+    # the two points compared by a paired test on the same test rows, each with its interval
+    paired = data["comparison"]["paired"]
+    assert paired["a"] == "SurgeryV2 @2" and paired["b"] == "Surgery @4"
+    assert paired["verdict"] in ("beats", "below", "ties within noise")
+    assert all("avg" in p["ci95"] for curve in data["curves"].values() for p in curve)
     out = capsys.readouterr().out
     assert "SurgeryV2 avg" in out and "SurgeryV2 at 2 it" in out
 
@@ -101,6 +107,12 @@ def test_rank_sweep(tiny_config, tmp_path, cache):
     assert params[(2, "surgery")] == 2 * 2 * 32  # down + up of the final adapter, width 32
     assert params[(4, "surgeryv2")] == 3 * 2 * 4 * 32  # 2 blocks + final
     assert params[(4, "surgeryv2")] == 2 * params[(2, "surgeryv2")]
+    # each mode's rank is chosen on validation; the test curve carries intervals
+    for mode in ("surgery", "surgeryv2"):
+        points = [r for r in data["rows"] if r["mode"] == mode]
+        best = max(points, key=lambda r: r["validation"]["avg"])
+        assert data["chosen"][mode] == best["rank"] and best["chosen"]
+        assert all(r["ci95"]["avg"][0] <= r["avg"] <= r["ci95"]["avg"][1] for r in points)
 
 
 def test_surgery_ablation(tiny_config, tmp_path, cache, capsys):
@@ -125,11 +137,51 @@ def test_surgery_ablation(tiny_config, tmp_path, cache, capsys):
         # exactly one setting differs from the defaults
         assert [k for k in base if r["settings"][k] != base[k]] == [changed]
     assert data["rows"][2]["settings"]["rank"] == 2
-    merged, individual = (data["reference"][k]["avg"] for k in ("task_arithmetic", "individual"))
+    # the rows are VALIDATION scores; the chosen one is the best of them
+    assert data["chosen_on"] == "validation" and data["validation"]["rows"] == {
+        "animals": 9,
+        "colours": 9,
+    }
+    val = data["validation"]["reference"]
+    merged, individual = (val[k]["avg"] for k in ("task_arithmetic", "individual"))
     for r in data["rows"]:
         if individual > merged:
             assert r["gap_closure"] == pytest.approx((r["avg"] - merged) / (individual - merged))
-    assert "gap closure" in capsys.readouterr().out.strip().splitlines()[-1]
+    assert data["chosen"] == max(data["rows"], key=lambda r: r["avg"])["variant"]
+    # test: only the chosen variant and the default, each with its interval and paired tests
+    assert set(data["test"]) == {data["chosen"], "default"}
+    for entry in data["test"].values():
+        _check_row(entry)
+        assert set(entry["ci95"]) == {"animals", "colours", "avg"}
+        assert entry["vs_individual"]["verdict"] in ("beats", "below", "ties within noise")
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "chosen on validation" in summary and "on test" in summary
+
+
+def test_surgery_ablation_pick_ignores_test_labels(tiny_config, tmp_path, cache):
+    """Permuting every task's TEST labels changes test numbers, never the choice."""
+    # experts trained long enough that the variants differ on validation
+    variants = "default,iterations=x10,lr=x10,rank=1"
+    args = ("--variants", variants, "--iterations", "3")
+    args += ("--set", "finetune.steps=40", "--set", "finetune.lr=3e-3")
+    assert _run(surgery_ablation, tiny_config, tmp_path, cache, *args) == 0
+    before = _result(tmp_path, "surgery_ablation_tiny")
+    assert len({r["avg"] for r in before["rows"]}) > 1
+    rng = np.random.default_rng(0)
+    for task in ("animals", "colours"):
+        path = tmp_path / "data" / task / "test.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        labels = rng.permutation([r["label"] for r in rows])
+        path.write_text(
+            "".join(json.dumps({**r, "label": int(y)}) + "\n" for r, y in zip(rows, labels))
+        )
+    assert _run(surgery_ablation, tiny_config, tmp_path, cache, *args) == 0
+    after = _result(tmp_path, "surgery_ablation_tiny")
+    assert after["chosen"] == before["chosen"]
+    assert [r["avg"] for r in after["rows"]] == [r["avg"] for r in before["rows"]]
+    assert after["validation"] == before["validation"]
+    # the permutation did reach the test split
+    assert after["reference"]["individual"] != before["reference"]["individual"]
 
 
 def test_unlabeled_fraction(tiny_config, tmp_path, cache):
