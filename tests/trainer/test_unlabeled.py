@@ -81,7 +81,8 @@ def test_image_copies_are_found_by_content(tmp_path):
     config = load_config("demo", ["validation.size=0", "surgery.unlabeled_size='all'"])
     task = load_task("img", str(tmp_path / "img.npz"), tmp_path)
     pool = unlabeled_pool(config, [task], tmp_path)
-    assert len(pool.pools[0]) == 20 and pool.dropped == [2]
+    assert pool.dropped == [2]  # then half of the 20 left score agreement (no validation rows)
+    assert len(pool.pools[0]) == len(task.validation) == 10
     assert content_hash(x_test[0]) == content_hash(x_test[0].copy())
     assert content_hash(x_test[0]) != content_hash(x_test[0].reshape(16, 3))
 
@@ -137,8 +138,10 @@ def test_a_task_without_a_train_split(tmp_path):
         _pool(root, names=("animals", "only-test"))
     assert "pool file" in str(err.value) and 'surgery.unlabeled = "test"' in str(err.value)
     (root / "lines.txt").write_text("an unlabeled input\nanother unlabeled input\n")
-    pool, _ = _pool(root, names=("animals", "lines=lines.txt"))
-    assert pool.origins == ["train", "inputs"] and pool.pools[1] == [
+    pool, tasks = _pool(root, names=("animals", "lines=lines.txt"))
+    assert pool.origins == ["train", "inputs"]
+    # half of its inputs score its agreement (it has no validation rows), half are its pool
+    assert sorted(pool.pools[1] + list(tasks[1].validation.inputs)) == [
         "an unlabeled input",
         "another unlabeled input",
     ]
@@ -165,3 +168,21 @@ def test_a_pool_with_no_usable_rows_is_refused(tmp_path):
 def test_bad_pool_settings_fail_when_the_config_loads(override, message):
     with pytest.raises(UserError, match=message):
         load_config("demo", [override])
+
+
+def test_without_validation_rows_the_agreement_inputs_leave_the_pool(tmp_path):
+    """validation.size = 0: nothing is held out of train, so each task's searches and bundle
+    choice are scored by agreement on unlabeled inputs, which the inductive protocol takes
+    out of its pool (at most half of it) so surgery never learns from them."""
+    root = write_distinct_tasks(tmp_path / "data")
+    pool, tasks = _pool(root, "validation.size=0", "surgery.unlabeled_size='all'")
+    for inputs, task in zip(pool.pools, tasks):
+        assert task.validation_source == "unlabeled" and task.validation.labels is None
+        assert len(task.validation) == len(inputs) == 24  # 48 train inputs, half carved
+        assert not set(inputs) & set(task.validation.inputs)
+    again, tasks_again = _pool(root, "validation.size=0", "surgery.unlabeled_size='all'")
+    assert [t.validation.inputs for t in tasks_again] == [t.validation.inputs for t in tasks]
+    # the transductive protocol leaves its pool (the test inputs) whole
+    pool, tasks = _pool(root, "validation.size=0", "surgery.unlabeled='test'")
+    assert pool.pools == [list(t.test.inputs) for t in tasks]
+    assert all(t.validation is None for t in tasks)

@@ -7,9 +7,11 @@ bundle manifest:
   their labels dropped, minus its validation rows (already held out of the train split), and
   minus every input whose content equals a scored test input or a validation input (sha256 of
   the text's utf-8 / the image array's bytes: real datasets repeat some rows across splits).
-  What is scored was never seen, and what the bundle row is chosen on was not trained on
-  either. A user pool (``task:<name>``, a file or folder) is inductive too, and refused when it
-  shares inputs with a scored test split.
+  What is scored was never seen, and what the bundle row is chosen on was not learned from
+  either (a task without validation rows has the inputs its agreement score is computed on
+  taken out of its pool: ``data.validation.carve_unlabeled_validation``). A user pool
+  (``task:<name>``, a file or folder) is inductive too, and refused when it shares inputs
+  with a scored test split.
 - **transductive** (``surgery.unlabeled = "test"``): each task's own test inputs, the paper's
   protocol (arXiv 2410.14389): the adapters learn from the very inputs they are scored on.
 
@@ -34,6 +36,7 @@ import numpy as np
 from ..config import Config
 from ..errors import UserError
 from .tasks import IMAGE_SUFFIXES, TaskData, read_image, resolve_path
+from .validation import carve_unlabeled_validation
 
 log = logging.getLogger("deepsurgery")
 
@@ -136,6 +139,11 @@ def unlabeled_pool(config: Config, tasks: list[TaskData], data_root: Path) -> Un
             f"so the inductive protocol would score inputs surgery learned from; remove them "
             f"from the pool, or {TRANSDUCTIVE_FIX}"
         )
+    if protocol == "inductive":  # what a task without validation rows is scored on: not pool
+        pools = [
+            pool if task.validation is not None else carve_unlabeled_validation(config, task, pool)
+            for pool, task in zip(pools, tasks)
+        ]
     pools = [
         _subset(pool, _cap(sc.unlabeled_size, source, task), sc.seed, task.name)
         for pool, task in zip(pools, tasks)

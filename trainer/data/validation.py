@@ -10,6 +10,9 @@ instead (``[[tasks]] validation = "..."``): then nothing is held out.
 A task without labelled validation rows (no train split, or an unlabeled validation file) is
 scored by agreement with its expert instead of accuracy, on its validation inputs or else on
 up to as many of its unlabeled inputs (``surgery.unlabeled``); labels are never read there.
+Under the inductive protocol those inputs are carved out of the task's pool
+(:func:`carve_unlabeled_validation`), so the bundle row is never chosen on inputs surgery
+learned from.
 """
 
 from __future__ import annotations
@@ -179,6 +182,33 @@ class ValidationSet:
         return [len(x) for x in self.inputs]
 
 
+def _unlabeled_count(size, n: int) -> int:
+    """How many of ``n`` unlabeled inputs score a task without validation rows."""
+    if size in (0, "auto"):
+        return min(DEFAULT_ROWS, n)
+    return min(max(1, int(round(size * n))) if size < 1 else int(size), n)
+
+
+def _unlabeled_rows(config: Config, task: TaskData, n: int, count: int) -> np.ndarray:
+    rng = np.random.default_rng([config.seed, zlib.crc32(task.name.encode()), 1])
+    return np.sort(rng.choice(n, size=count, replace=False))
+
+
+def carve_unlabeled_validation(config: Config, task: TaskData, pool: list) -> list:
+    """For a task without validation rows, under the inductive protocol: take the inputs its
+    agreement score is computed on out of its unlabeled ``pool`` (as many as
+    :func:`validation_set` would use, at most half the pool) and make them its validation
+    split (no labels, source "unlabeled"); -> the rest of the pool, what surgery learns from."""
+    count = min(_unlabeled_count(config.validation.size, len(pool)), len(pool) // 2)
+    if count == 0:
+        return pool
+    rows = _unlabeled_rows(config, task, len(pool), count)
+    task.validation = Split([pool[i] for i in rows], None)
+    task.validation_source = "unlabeled"
+    keep = np.setdiff1d(np.arange(len(pool)), rows)
+    return [pool[i] for i in keep]
+
+
 def validation_set(
     config: Config, tasks: list[TaskData], unlabeled: list[list] | None
 ) -> ValidationSet:
@@ -193,13 +223,10 @@ def validation_set(
             continue
         if not unlabeled:
             raise ValueError("a task without a validation split needs its unlabeled inputs")
-        pool, size = unlabeled[t], config.validation.size
-        if size in (0, "auto"):
-            count = min(DEFAULT_ROWS, len(pool))
-        else:
-            count = min(max(1, int(round(size * len(pool)))) if size < 1 else int(size), len(pool))
-        rng = np.random.default_rng([config.seed, zlib.crc32(task.name.encode()), 1])
-        rows = np.sort(rng.choice(len(pool), size=count, replace=False))
+        pool = unlabeled[t]
+        rows = _unlabeled_rows(
+            config, task, len(pool), _unlabeled_count(config.validation.size, len(pool))
+        )
         inputs.append([pool[i] for i in rows])
         labels.append(None)
         sources.append("unlabeled")
