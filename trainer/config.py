@@ -140,7 +140,9 @@ class EvalConfig:
 
 @dataclass
 class OutputConfig:
-    bundle: str = "best"  # "best" (highest avg merged row) or "<method>/<surgery>"
+    # "best": the merged row with the highest VALIDATION average (agreement with the experts
+    # without labelled validation rows), "none" rows included; or "<method>/<surgery>"
+    bundle: str = "best"
 
 
 @dataclass
