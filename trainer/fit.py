@@ -101,9 +101,10 @@ def fit(config: Config, *, data_root: Path, cache: Path, out: Path, device: str 
     bias: dict[str, list[float]] = {}
     surgery_stats: dict[str, dict] = {}
     best = None  # (row, model, hparams) of the row the bundle will hold
-    # output.bundle = "best": every merged row is scored on the validation rows, never test
-    # (a single row needs no choosing)
-    selecting = config.output.bundle == "best" and len(config.merged_rows()) > 1
+    # every merged row is scored on the validation rows (a single row needs no choosing):
+    # output.bundle = "best" ships the highest, never a row chosen on test
+    scoring = len(config.merged_rows()) > 1
+    selecting = scoring and config.output.bundle == "best"
     bundle_scores: dict[str, float] = {}
     chosen: dict[str, dict] = {}  # method -> the hyper-parameters it used, and its search
     for method in config.merge.methods:
@@ -136,9 +137,10 @@ def fit(config: Config, *, data_root: Path, cache: Path, out: Path, device: str 
             correct[row_key(rows[-1])] = evaluation.correct
             exp.lap("eval")
             key = f"{method}/{mode}"
-            if selecting:
+            if scoring:
                 bundle_scores[key] = exp.validation_score(model, key)
                 exp.lap("select")
+            if selecting:
                 # a tie keeps the earlier row: the plain merge before its surgery
                 if bundle_scores[key] > max([*bundle_scores.values()][:-1], default=-1.0):
                     best = (rows[-1], model, hparams)
@@ -156,6 +158,7 @@ def fit(config: Config, *, data_root: Path, cache: Path, out: Path, device: str 
             "criterion": exp.bundle_criterion()
             if selecting
             else ("config" if config.output.bundle != "best" else "only row"),
+            # every merged row's validation score, whatever chose the row
             "scores": bundle_scores,
         }
     unlabeled = None if exp.pool is None else exp.pool.record(exp.names)
@@ -199,8 +202,7 @@ def fit(config: Config, *, data_root: Path, cache: Path, out: Path, device: str 
         "config": config.to_dict(),
     }
     # gap closure and the paired test vs the experts, the compared row chosen on validation
-    scores = (results.get("bundle") or {}).get("scores")
-    results |= paired_statistics(rows, correct, config.seed, scores)
+    results |= paired_statistics(rows, correct, config.seed, results.get("bundle"))
     write_results(out / "results.json", results)
     print(format_table(exp.names, rows))
     print(interval_footnote())

@@ -35,8 +35,10 @@ def test_fit_writes_results_bundle_and_table(tiny_config, tmp_path, capsys):
             assert 0.0 <= lo <= (row["avg"] if task == "avg" else row["acc"][task]) <= hi <= 1.0
     # every merged + surgery row against its plain merge; the compared row vs the experts
     assert set(results["gap_closure"]) == {"task_arithmetic/surgery", "task_arithmetic/surgeryv2"}
-    [comparison] = results["comparisons"]
-    assert comparison["b"] == "individual" and comparison["verdict"] in stats.VERDICTS
+    # the surgered row validation prefers vs the experts, then the bundle row if another
+    assert [c["chosen_by"] for c in results["comparisons"]][:1] == ["validation"]
+    for comparison in results["comparisons"]:
+        assert comparison["b"] == "individual" and comparison["verdict"] in stats.VERDICTS
     assert len(results["bias"]["task_arithmetic/none"]) == 3  # 2 blocks + final
     assert results["device"] == "cpu" and "experts" in results["timing_s"]
     assert (out / "bias.png").stat().st_size > 1000
@@ -154,5 +156,8 @@ def test_branch_block_reaches_the_bundle(tiny_config, tmp_path):
     )
     manifest = json.loads((tmp_path / "out" / "bundle" / "manifest.json").read_text())
     assert manifest["surgery"] == {"mode": "surgeryv2", "rank": 4, "branch_block": 1}
+    # the row named by the config ships; every merged row still has its validation score
+    assert manifest["bundle"]["row"] == "task_arithmetic/surgeryv2"
+    assert manifest["bundle"]["criterion"] == "config" and len(manifest["bundle"]["scores"]) == 5
     model, _ = load_bundle(tmp_path / "out" / "bundle")
     assert model.branch_block == 1 and model.block_adapters.down.shape[0] == 1

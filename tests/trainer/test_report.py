@@ -54,7 +54,8 @@ def test_paired_statistics_gap_closure_and_the_validation_chosen_comparison():
     # validation prefers Surgery although SurgeryV2 is better on test: the comparison must
     # follow validation, not the test number
     scores = {"task_arithmetic/surgery": 0.9, "task_arithmetic/surgeryv2": 0.8}
-    out = paired_statistics(rows, correct, seed=0, validation_scores=scores)
+    bundle = {"row": "task_arithmetic/surgery", "criterion": "validation", "scores": scores}
+    out = paired_statistics(rows, correct, seed=0, bundle=bundle)
     assert set(out["gap_closure"]) == {"task_arithmetic/surgery", "task_arithmetic/surgeryv2"}
     v2 = out["gap_closure"]["task_arithmetic/surgeryv2"]
     assert v2["merged"] == "task_arithmetic/none" and v2["seed"] == 0
@@ -64,6 +65,11 @@ def test_paired_statistics_gap_closure_and_the_validation_chosen_comparison():
     assert comparison["chosen_by"] == "validation" and comparison["verdict"] == "below"
     expected = stats.compare(correct["task_arithmetic/surgery"], correct["individual/none"])
     assert comparison["p_value"] == pytest.approx(expected.p_value, rel=1e-3)
+    # a bundle row other than the compared one is compared too
+    shipped = {**bundle, "row": "task_arithmetic/none"}
+    first, second = paired_statistics(rows, correct, seed=0, bundle=shipped)["comparisons"]
+    assert first == comparison
+    assert second["a"] == "task_arithmetic/none" and second["chosen_by"] == "bundle (validation)"
     # without validation scores: the best test row, said to be optimistic
     [fallback] = paired_statistics(rows, correct, seed=0)["comparisons"]
     assert fallback["a"] == "task_arithmetic/surgeryv2" and "test" in fallback["chosen_by"]
@@ -105,7 +111,7 @@ def test_protocol_line_and_summary():
     )
     assert protocol_line(None) is None
     rows, correct = _suite()
-    results = paired_statistics(rows, correct, seed=0, validation_scores=None)
+    results = paired_statistics(rows, correct, seed=0)
     summary = summary_line("suite", rows, results)
     comparison = results["comparisons"][0]
     assert summary.startswith("suite: task_arithmetic w/ SurgeryV2 ")

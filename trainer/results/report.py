@@ -40,17 +40,18 @@ def paired_statistics(
     rows: list[dict],
     correct: Mapping[str, stats.Correct],
     seed: int,
-    validation_scores: Mapping[str, float] | None = None,
+    bundle: Mapping | None = None,
 ) -> dict:
     """results.json's ``gap_closure`` and ``comparisons``, from every row's per-row test
     correctness ``correct[row_key]`` (all rows were scored on the same test rows).
 
     - ``gap_closure["<method>/<mode>"]``: every merged + surgery row against its plain merge
       (``<method>/none``) and the experts, with its paired-bootstrap 95 % interval.
-    - ``comparisons``: the best surgered row against ``individual`` by the paired test. "Best"
-      is chosen on VALIDATION (``validation_scores[row_key]``, the bundle choice's scores)
-      so that the row compared was not picked for its test number; without validation
-      scores it falls back to the highest test average, and says so (``chosen_by``).
+    - ``comparisons``: the best surgered row against ``individual`` by the paired test, then
+      the bundle's row if it is another one. "Best" is chosen on VALIDATION (the bundle
+      choice's ``scores``, by its ``criterion``) so that the row compared was not picked for
+      its test number; without validation scores it falls back to the highest test average,
+      and says so (``chosen_by``).
     """
     keyed = {row_key(r): r for r in rows}
     closure: dict[str, dict] = {}
@@ -62,16 +63,26 @@ def paired_statistics(
             result = stats.gap_closure(correct[key], correct[plain], correct[INDIVIDUAL], seed)
             closure[key] = {"merged": plain, **result.to_json()}
     comparisons = []
+    if INDIVIDUAL not in correct:
+        return {"gap_closure": closure, "comparisons": comparisons}
+    candidates = []  # (row key, how it was chosen)
     surgered = [k for k, r in keyed.items() if r["surgery"] != "none" and k in correct]
-    if INDIVIDUAL in correct and surgered:
-        scores = validation_scores or {}
-        if all(k in scores and scores[k] is not None for k in surgered):
-            best, chosen_by = max(surgered, key=lambda k: scores[k]), "validation"
+    scores = (bundle or {}).get("scores") or {}
+    criterion = (bundle or {}).get("criterion", "validation")
+    if surgered:
+        if all(scores.get(k) is not None for k in surgered):
+            candidates.append((max(surgered, key=lambda k: scores[k]), criterion))
         else:
             best = max(surgered, key=lambda k: _test_avg(keyed[k]))
-            chosen_by = "test (no validation scores): the interval and p-value are optimistic"
-        if keyed[best]["avg"] is not None:
-            result = stats.compare(correct[best], correct[INDIVIDUAL], best, "individual")
+            candidates.append(
+                (best, "test (no validation scores): the interval and p-value are optimistic")
+            )
+    shipped = (bundle or {}).get("row")
+    if shipped in correct and shipped != INDIVIDUAL and shipped not in dict(candidates):
+        candidates.append((shipped, f"bundle ({criterion})"))
+    for key, chosen_by in candidates:
+        if keyed[key]["avg"] is not None:
+            result = stats.compare(correct[key], correct[INDIVIDUAL], key, "individual")
             comparisons.append({"chosen_by": chosen_by, **result.to_json()})
     return {"gap_closure": closure, "comparisons": comparisons}
 
@@ -162,7 +173,10 @@ def summary_line(suite: str, rows: list[dict], paired: dict) -> str:
         ci = closure["ci95"]
         interval = "" if ci is None else f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
         text += f", gap closure {100 * closure['value']:.0f} %{interval}"
-    chosen = "chosen on validation" if comparison["chosen_by"] == "validation" else "best on test"
+    chosen = {
+        "validation": "chosen on validation",
+        "agreement": "chosen by agreement with the experts on validation",
+    }.get(comparison["chosen_by"], "best on test")
     return (
         f"{text} ({chosen}) vs individual {_avg_text(individual)}: {comparison['verdict']} "
         f"({100 * comparison['difference']:+.1f} points, paired p = "
