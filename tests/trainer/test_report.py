@@ -74,6 +74,10 @@ def test_paired_statistics_gap_closure_and_the_validation_chosen_comparison():
     [fallback] = paired_statistics(rows, correct, seed=0)["comparisons"]
     assert fallback["a"] == "task_arithmetic/surgeryv2" and "test" in fallback["chosen_by"]
     assert paired_statistics(rows, correct, seed=0) == paired_statistics(rows, correct, seed=0)
+    # a single surgered row is compared without any choice
+    alone = [r for r in rows if r["surgery"] != "surgery"]
+    [only] = paired_statistics(alone, correct, seed=0)["comparisons"]
+    assert only["a"] == "task_arithmetic/surgeryv2" and only["chosen_by"] == "the only surgered row"
 
 
 def test_table_cells_carry_the_interval():

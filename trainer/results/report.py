@@ -68,8 +68,13 @@ def paired_statistics(
     candidates = []  # (row key, how it was chosen)
     surgered = [k for k, r in keyed.items() if r["surgery"] != "none" and k in correct]
     scores = (bundle or {}).get("scores") or {}
-    criterion = (bundle or {}).get("criterion", "validation")
-    if surgered:
+    # the scores are validation accuracies, or agreement with the experts on validation
+    # inputs, whatever chose the bundle's row (the config may name it)
+    criterion = (bundle or {}).get("criterion")
+    criterion = criterion if criterion in ("validation", "agreement") else "validation"
+    if len(surgered) == 1:
+        candidates.append((surgered[0], "the only surgered row"))
+    elif surgered:
         if all(scores.get(k) is not None for k in surgered):
             candidates.append((max(surgered, key=lambda k: scores[k]), criterion))
         else:
@@ -176,6 +181,7 @@ def summary_line(suite: str, rows: list[dict], paired: dict) -> str:
     chosen = {
         "validation": "chosen on validation",
         "agreement": "chosen by agreement with the experts on validation",
+        "the only surgered row": "the only surgered row",
     }.get(comparison["chosen_by"], "best on test")
     return (
         f"{text} ({chosen}) vs individual {_avg_text(individual)}: {comparison['verdict']} "
