@@ -278,8 +278,14 @@ def test_generic_label_names_keep_the_index_order(tmp_path, bert, bert_base, cap
     ours, library = _logits(tmp_path / "generic", loaded)
     torch.testing.assert_close(ours, library, atol=1e-5, rtol=0)
     lines = [r.getMessage() for r in caplog.records if r.name == "deepsurgery"]
-    assert len(lines) == 1 and "LABEL_0, LABEL_1, LABEL_2 are generic" in lines[0]
-    assert "index order" in lines[0]
+    assert len(lines) == 1 and "its class names LABEL_0, LABEL_1, LABEL_2 are generic" in lines[0]
+    assert "taken in index order as the task's classes (x, y, z)" in lines[0]
+    generic = ["LABEL_0", "LABEL_1", "LABEL_2"]  # the task's names say nothing: index order
+    loaded = load_expert(_source(bert / "topic", bert_base, generic))
+    ours, library = _logits(bert / "topic", loaded)
+    torch.testing.assert_close(ours, library, atol=1e-5, rtol=0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "deepsurgery"]
+    assert len(lines) == 2 and "the task's class names LABEL_0, LABEL_1" in lines[1]
 
 
 def test_a_head_file_names_its_classes_in_another_order(tmp_path, bert_base, caplog):

@@ -232,12 +232,14 @@ def match_classes(loaded: LoadedExpert, source: ExpertSource) -> None:
         return
     if is_generic(expert) or is_generic(task):
         if expert != task:
+            whose, names = ("its", expert) if is_generic(expert) else ("the task's", task)
             log.info(
-                "%s: class names %s are generic; its outputs are taken in index order as the "
-                "task's %s",
+                "%s: %s class names %s are generic; its outputs are taken in index order as "
+                "the task's classes (%s)",
                 source.where,
-                _listed(expert if is_generic(expert) else task),
-                _listed(task if is_generic(expert) else expert),
+                whose,
+                _listed(names),
+                _listed(task),
             )
         loaded.classes = task
         return
