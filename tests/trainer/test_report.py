@@ -109,10 +109,12 @@ def test_protocol_line_and_summary():
             "overlap_with_test": 0,
         }
     )
-    assert (
-        line
-        == "surgery learned from: train (inductive, 1200-1800 rows per task, 0 shared with test)"
+    assert line == (
+        "surgery learned from: train inputs, labels dropped "
+        "(inductive, 1200-1800 rows per task, 0 shared with the scored test rows)"
     )
+    line = protocol_line({"protocol": "transductive", "source": "test", "rows": {"a": 24}})
+    assert line == "surgery learned from: the test inputs (transductive, 24 rows per task)"
     assert protocol_line(None) is None
     rows, correct = _suite()
     results = paired_statistics(rows, correct, seed=0)

@@ -143,10 +143,14 @@ def interval_footnote() -> str:
 
 def protocol_line(unlabeled: Mapping | None) -> str | None:
     """Which inputs surgery (and AdaMerging) learned from, from results.json's
-    ``unlabeled``: ``surgery learned from: train inputs without labels (inductive, 1800
-    rows per task, 0 shared with test)``; None when the run recorded no pool."""
+    ``unlabeled``: ``surgery learned from: train inputs, labels dropped (inductive, 1800
+    rows per task, 0 shared with the scored test rows)``; None when no pool was recorded."""
     if not unlabeled:
         return None
+    source = str(unlabeled.get("source"))
+    what = {"train": "train inputs, labels dropped", "test": "the test inputs"}.get(
+        source, f"{source[5:]}'s test inputs" if source.startswith("task:") else source
+    )
     counts = sorted(set((unlabeled.get("rows") or {}).values()))
     rows = (
         ""
@@ -156,11 +160,8 @@ def protocol_line(unlabeled: Mapping | None) -> str | None:
         else f", {counts[0]}-{counts[-1]} rows per task"
     )
     overlap = unlabeled.get("overlap_with_test")
-    shared = "" if overlap is None else f", {overlap} shared with test"
-    return (
-        f"surgery learned from: {unlabeled.get('source')} "
-        f"({unlabeled.get('protocol')}{rows}{shared})"
-    )
+    shared = "" if overlap is None else f", {overlap} shared with the scored test rows"
+    return f"surgery learned from: {what} ({unlabeled.get('protocol')}{rows}{shared})"
 
 
 def summary_line(suite: str, rows: list[dict], paired: dict) -> str:
