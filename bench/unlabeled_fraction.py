@@ -4,12 +4,13 @@ task's unlabeled inputs.
     python -m bench.unlabeled_fraction [--config text-bench] [--fractions 0.01,0.1,1.0]
         [--mode surgeryv2] [--iterations N] [--eval-limit 500]
 
-The pool is the config's unlabeled data (``surgery.unlabeled = "test"``: each task's test
-inputs, the paper's setting). A fraction keeps a seeded random part of every task's pool, the
-smaller fractions nested in the larger ones; the experts' targets of those rows are the ones
-already computed for the pool, so nothing is recomputed. Every fraction trains for the same
-number of iterations and is scored on the same (``--eval-limit``) test rows, each with its 95 %
-interval and its gap closure with a paired-bootstrap interval. A curve: nothing is chosen.
+The pool is the config's unlabeled data (``surgery.unlabeled``: by default each task's train
+inputs without their labels; ``"test"``: its test inputs, the paper's setting). A fraction
+keeps a seeded random part of every task's pool, the smaller fractions nested in the larger
+ones; the experts' targets of those rows are the ones already computed for the pool, so
+nothing is recomputed. Every fraction trains for the same number of iterations and is scored
+on the same (``--eval-limit``) test rows, each with its 95 % interval and its gap closure with
+a paired-bootstrap interval. A curve: nothing is chosen.
 """
 
 from __future__ import annotations
