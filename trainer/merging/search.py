@@ -130,8 +130,9 @@ def search(
     n, stride = len(grids[line]), coarse_stride(len(grids[line]))
     if len(combos) * len(range(0, n, stride)) + stride >= len(combos) * n:
         strategy = GRID  # a grid this small gains nothing: every candidate is scored
-    tried = _Candidates(name, base, experts, fixed, combos, line, grids[line], scale, score)
-    tried.context = context
+    tried = _Candidates(
+        name, base, experts, fixed, context, combos, line, grids[line], scale, score
+    )
     plan = _Plan(strategy, len(combos), n, stride, tried)
     bar = progress(plan, f"{name} search", "candidate")
     for combo, i in bar:
@@ -161,11 +162,11 @@ class _Candidates:
     best (the first in grid order on a tie) with its state, and for a ``scale`` method the Δ
     (at scale 1) of the combination being scored and of the best one."""
 
-    def __init__(self, name, base, experts, fixed, combos, line, values, scale, score):
+    def __init__(self, name, base, experts, fixed, context, combos, line, values, scale, score):
         self.name, self.base, self.experts, self.fixed = name, base, experts, fixed
+        self.context: MergeContext | None = context  # what a data-driven method learns from
         self.combos, self.line, self.values, self.scale = combos, line, values, scale
         self.score_fn: Score = score
-        self.context: MergeContext | None = None
         self.scores: dict[tuple[int, int], float] = {}
         self.records: list[dict] = []  # in scoring order: the parameters and "score"
         self.best: tuple[float, list[float], tuple[int, int]] | None = None
