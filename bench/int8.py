@@ -130,12 +130,13 @@ def run(args) -> dict:
     before = loadavg()
     config = load_config(args.config, args.set)
     models = Path(args.models or Path("runs") / "int8" / config.name)
-    dirs, manifests = {}, {}
-    fp32, dirs["fp32"] = export(args.bundle, models / "fp32", force=True)
+    dirs = {k: models / k for k in ("fp32", "int8")}  # model dirs (export returns the graph)
+    manifests = {}
+    fp32, _ = export(args.bundle, dirs["fp32"], force=True)
     form = fp32["adapter_form"]["form"] or "auto"
     manifests["fp32"] = fp32
-    manifests["int8"], dirs["int8"] = export(
-        args.bundle, models / "int8", precision="int8", force=True, adapter_form=form
+    manifests["int8"], _ = export(
+        args.bundle, dirs["int8"], precision="int8", force=True, adapter_form=form
     )
     names = [t["name"] for t in fp32["tasks"]]
     tasks = load_tasks(config, data_root(args), Path(args.cache or "runs/cache"))
