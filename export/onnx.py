@@ -2,7 +2,8 @@
 
     python -m export.onnx --tasks all|name,name [--bundle DIR] [--out DIR]
                           [--precision fp32|fp16|int8] [--adapter-form auto|masked|gather]
-                          [--per-task] [--opset N] [--force]
+                          [--per-task] [--opset N] [--force] [--target modeldir|triton]
+                          [--name NAME] [--max-batch N] [--max-queue N] [--max-delay-ms MS]
 
 The graph is traced from the trainer's own ``MultiTaskModel.forward`` (shared merged backbone,
 each row's task adapters, each row's task head), so the served model is the measured one. It
@@ -20,8 +21,11 @@ top-1 differs (fp16: top-1 >= 99.5%, int8: top-1 >= 95%). The held-out inputs ar
 synthesized, plus the bundle's seeded sample of real inputs when it has one; int8 is judged on
 the real ones (synthesized text is out of distribution: its near-tie logits flip under any
 quantization), and both kinds' records are kept.
-The output directory (model.onnx, manifest.json, tokenizer.json for text) is the contract the
-runtime reads; it is written to a temporary sibling and renamed at the end.
+The verified graph is then handed to the ``--target``'s writer (``export/targets``): the
+model directory (model.onnx, manifest.json, tokenizer.json for text: the contract the runtime
+reads) by default, or a Triton model repository (``--name``, ``--max-batch``, ``--max-queue``,
+``--max-delay-ms`` shape its config.pbtxt). Either is written to a temporary sibling and
+renamed at the end.
 """
 
 from __future__ import annotations
