@@ -236,10 +236,10 @@ def test_bundle_export_runtime_round_trip(hf_dirs, tmp_path):
     classes = [[f"c{i}" for i in range(n)] for n in sizes]
     write_bundle(tmp_path / "bundle", model, classes, {"suite": "tiny-dinov2"})
     reloaded, _ = load_bundle(tmp_path / "bundle")
-    manifest, out = export(tmp_path / "bundle", tmp_path / "onnx")
+    manifest, _ = export(tmp_path / "bundle", tmp_path / "onnx")
     assert manifest["parity"]["max_abs_logit_diff"] <= 1e-4
     assert manifest["preprocessing"]["resize_size"] == 45  # 36 * 40 / 32
-    spec = load_model_dir(out)
+    spec = load_model_dir(tmp_path / "onnx")
     engine = Engine(spec, make_preprocessor(spec), providers="cpu")
     images = _images(4, ((50, 37), (40, 40), (29, 61)))
     rows = []
