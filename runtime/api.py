@@ -121,4 +121,7 @@ class ModelInfo:
     ready: bool = True  # False while draining for shutdown
 
     def task(self, name: str) -> TaskInfo | None:
-        return next((t for t in self.tasks if t.name == name), None)
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        return None

@@ -25,7 +25,7 @@ import hashlib
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -109,6 +109,13 @@ class InferenceModel:
         self.version = version  # the numbered version dir it came from (None: a plain dir)
         self.names = [t.name for t in spec.tasks]
         self._index = {t.name: i for i, t in enumerate(spec.tasks)}
+        row_shape = getattr(pre, "row_shape", None)
+        self._info = ModelInfo(
+            modality=spec.modality,
+            version=version,
+            tasks=tuple(TaskInfo(t.name, tuple(t.classes)) for t in spec.tasks),
+            row_shape=None if row_shape is None else tuple(row_shape),
+        )
 
     def label(self, task: str) -> str:
         """The metrics label of a requested task: known names and "*" as-is, else "unknown"."""
@@ -119,14 +126,8 @@ class InferenceModel:
         return f"{v}{self.spec.root} ({len(self.names)} tasks: {','.join(self.names)})"
 
     def info(self, ready: bool = True) -> ModelInfo:
-        row_shape = getattr(self.pre, "row_shape", None)
-        return ModelInfo(
-            modality=self.spec.modality,
-            version=self.version,
-            tasks=tuple(TaskInfo(t.name, tuple(t.classes)) for t in self.spec.tasks),
-            row_shape=None if row_shape is None else tuple(row_shape),
-            ready=ready,
-        )
+        """What this model offers (built once: metadata RPCs and every v2 request ask)."""
+        return self._info if ready else replace(self._info, ready=False)
 
     def resolve(self, task: str, top_k: int) -> tuple[list[int], int]:
         """Task name or "*" -> task indices; top_k 0 -> 1. Raises NotFound / InputError."""

@@ -172,28 +172,20 @@ class OpenInference:
             raise
         core_request = Request(task.name, tuple(inputs), 1, NAME)
         predictions = [row[0] for row in await self.core.infer(core_request, deadline)]
-        rows, specs = len(predictions), output_specs(task)
-        raw = {
-            "label": lambda: encode_bytes([p.label.encode() for p in predictions]),
-            "probabilities": lambda: (
-                np.stack([p.probabilities for p in predictions]).astype("<f4").tobytes()
-            ),
-        }
-        outputs, contents = [], []
-        for name in dict.fromkeys(wanted):  # each once, in the order asked
-            datatype, shape = specs[name]
-            shape = [rows, *shape[1:]]
-            outputs.append(
-                pb.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=shape)
-            )
-            contents.append(raw[name]())
-        return pb.ModelInferResponse(
-            model_name=task.name,
-            model_version=version_of(info),
-            id=request.id,
-            outputs=outputs,
-            raw_output_contents=contents,
+        response = pb.ModelInferResponse(
+            model_name=task.name, model_version=version_of(info), id=request.id
         )
+        rows = len(predictions)
+        for name in dict.fromkeys(wanted):  # each once, in the order asked
+            if name == "label":
+                response.outputs.add(name=name, datatype="BYTES", shape=[rows])
+                data = encode_bytes([p.label.encode() for p in predictions])
+            else:
+                classes = len(task.classes)
+                response.outputs.add(name=name, datatype="FP32", shape=[rows, classes])
+                data = np.asarray([p.probabilities for p in predictions], "<f4").tobytes()
+            response.raw_output_contents.append(data)
+        return response
 
     def _rows(self, request: pb.ModelInferRequest, info: ModelInfo, task: TaskInfo) -> list[Input]:
         """The request's one input tensor -> one core Input per row, checked against the
