@@ -2,8 +2,10 @@
 
     python -m bench.core_overhead --model DIR [--task NAME] [--clients 64] [--requests 20000]
         [--rounds 2] [--protocols deepsurgery.v1,open-inference]
+        [--server-args "--batches-in-flight 2"]
 
-runtime.server runs in its own process with its default flags (plus --metrics-port); a load
+runtime.server runs in its own process with its default flags (plus --metrics-port and any
+`--server-args`); a load
 process keeps `--clients` closed-loop clients busy with single-row requests for ONE task
 (`--task`, default the first), through each protocol in turn: deepsurgery.v1 Predict and the
 Open Inference Protocol's ModelInfer of one row. The server's metrics say which batch sizes it
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import socket
 import sys
 import time
@@ -118,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--protocols", default=",".join(PROTOCOLS))
     p.add_argument("--max-batch", type=int, default=32, help="the server's (its default)")
     p.add_argument("--providers", default="cpu", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--server-args", default="", help="more runtime.server flags, one string")
     p.add_argument("--out", type=Path, default=RESULTS / "core_overhead.json")
     args = p.parse_args(argv)
 
@@ -143,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     bare = BareLoop(args.model, task, inputs, kind, args.providers)
     metrics_port = free_port()
     flags = ["--providers", args.providers, "--max-batch", str(args.max_batch)]
-    flags += ["--metrics-port", str(metrics_port)]
+    flags += ["--metrics-port", str(metrics_port), *shlex.split(args.server_args)]
     server = ServerProcess(args.model, *flags)
     per_round = max(1, args.requests // args.rounds)
     served: dict[str, list] = {x: [] for x in protocols}
