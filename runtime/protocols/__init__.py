@@ -6,90 +6,23 @@ A protocol is a gRPC service whose adapter turns requests into `runtime.api.Requ
 transport turns into a status. Each protocol module registers itself here (`register`), as a
 merge method does; runtime.server serves every registered protocol on one port through
 `aio_servicer`, and runtime.serve_ray forwards each RPC to a replica that answers it with
-`call`. Adding a protocol is one file plus its import at the bottom of this one.
+`call`. Adding a protocol is one file in this folder; every module in it is imported here.
 """
 
-from __future__ import annotations
+import importlib
+import pkgutil
 
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from types import ModuleType, SimpleNamespace
+from runtime.protocols.registry import (
+    PROTOCOLS,
+    Protocol,
+    aio_servicer,
+    call,
+    register,
+    select,
+)
 
-import grpc
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "registry" and not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
-from runtime.api import ServingError
-
-
-@dataclass(frozen=True)
-class Protocol:
-    name: str  # what --protocols calls it
-    service: str  # the gRPC service's full name (health, reflection)
-    messages: ModuleType  # the generated *_pb2 module
-    add_to_server: Callable  # the generated add_<Service>Servicer_to_server
-    adapter: Callable  # Core -> the object answering the service's methods
-
-    @property
-    def methods(self) -> tuple[str, ...]:
-        return tuple(self._descriptor().methods_by_name)
-
-    def request_type(self, method: str) -> type:
-        return getattr(self.messages, self._descriptor().methods_by_name[method].input_type.name)
-
-    def response_type(self, method: str) -> type:
-        return getattr(self.messages, self._descriptor().methods_by_name[method].output_type.name)
-
-    def _descriptor(self):
-        return self.messages.DESCRIPTOR.services_by_name[self.service.rsplit(".", 1)[1]]
-
-
-PROTOCOLS: dict[str, Protocol] = {}
-
-
-def register(protocol: Protocol) -> Protocol:
-    PROTOCOLS[protocol.name] = protocol
-    return protocol
-
-
-def select(names: list[str] | tuple[str, ...]) -> list[Protocol]:
-    """Protocol names -> the registered protocols; ValueError naming the known ones."""
-    unknown = [n for n in names if n not in PROTOCOLS]
-    if unknown:
-        raise ValueError(
-            f"--protocols: unknown {', '.join(map(repr, unknown))}; known: "
-            f"{','.join(PROTOCOLS)} (default: all)"
-        )
-    if not names:
-        raise ValueError(f"--protocols is empty; name at least one of {','.join(PROTOCOLS)}")
-    return [PROTOCOLS[n] for n in names]
-
-
-def aio_servicer(protocol: Protocol, adapter) -> SimpleNamespace:
-    """The grpc.aio servicer of an adapter: the call's deadline in, ServingError -> status."""
-
-    def method(fn):
-        async def handle(request, context):
-            remaining = context.time_remaining()
-            deadline = None if remaining is None else time.monotonic() + remaining
-            try:
-                return await fn(request, deadline)
-            except ServingError as e:
-                await context.abort(grpc.StatusCode[e.code], str(e))
-
-        return handle
-
-    return SimpleNamespace(**{m: method(getattr(adapter, m)) for m in protocol.methods})
-
-
-async def call(protocol: Protocol, adapter, method: str, payload: bytes):
-    """A serialized request -> (None, serialized response) or (status name, message): what
-    crosses process boundaries (Ray) without pickling protobuf classes."""
-    request = protocol.request_type(method).FromString(payload)
-    try:
-        response = await getattr(adapter, method)(request, None)
-    except ServingError as e:
-        return e.code, str(e)
-    return None, response.SerializeToString()
-
-
-from runtime.protocols import deepsurgery_v1, open_inference  # noqa: E402,F401 (registration)
+__all__ = ["PROTOCOLS", "Protocol", "aio_servicer", "call", "register", "select"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from protos.deepsurgery.v1 import inference_pb2 as pb
 from protos.deepsurgery.v1 import inference_pb2_grpc as pb_grpc
 from runtime.api import Input, Prediction, Request, Tensor
-from runtime.protocols import Protocol, register
+from runtime.protocols.registry import Protocol, register
 
 NAME = "deepsurgery.v1"
 

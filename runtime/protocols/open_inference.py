@@ -39,7 +39,7 @@ from runtime.api import (
     TaskInfo,
     Tensor,
 )
-from runtime.protocols import Protocol, register
+from runtime.protocols.registry import Protocol, register
 
 NAME = "open-inference"
 SERVER_NAME = "deepsurgery"

@@ -8,15 +8,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from ..errors import UserError
 
-if TYPE_CHECKING:  # the experts package imports this one
-    from ..experts.expert import Expert
+
+class ExpertWeights(Protocol):
+    """What a kind's ``write_expert`` reads of an expert (``trainer.experts.expert.Expert``,
+    which imports this package, so it is described here rather than imported)."""
+
+    state: dict[str, torch.Tensor]  # the fine-tuned backbone's state dict
+    head: Any  # its TaskHead (weight, bias, optional hidden layer)
+    normalize: bool  # the head reads L2-normalised features
+
 
 # after_block(index, hidden [B, N, width]) -> hidden: what runs between block l and l + 1
 AfterBlock = Callable[[int, torch.Tensor], torch.Tensor]
@@ -124,7 +131,9 @@ class Backbone(nn.Module):
         """The architecture (random weights) from ``spec()`` and the ``save_assets`` files."""
         raise NotImplementedError
 
-    def write_expert(self, folder: Path, expert: Expert, classes: list[str]) -> dict[str, str]:
+    def write_expert(
+        self, folder: Path, expert: ExpertWeights, classes: list[str]
+    ) -> dict[str, str]:
         """Write ``expert`` (fine-tuned from this base) into the existing ``folder`` in its
         library's own format -> the [[tasks]] keys pointing at it, relative to ``folder``
         (``expert``, and ``head`` when the expert's files hold none)."""

@@ -22,7 +22,6 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -30,11 +29,8 @@ from transformers import MODEL_MAPPING, AutoConfig, AutoModel, AutoTokenizer
 
 from ..errors import UserError
 from ..hub import is_hub_id, resolve_source
-from .base import Backbone
+from .base import Backbone, ExpertWeights
 from .registry import BackboneSettings, register
-
-if TYPE_CHECKING:  # the experts package imports this one
-    from ..experts.expert import Expert
 
 # config fields that change an encoder's function without changing any tensor's shape: an
 # expert must agree with the base on them (the shapes are checked tensor by tensor)
@@ -254,7 +250,9 @@ class HFTextBackbone(Backbone):
     def from_spec(cls, spec: dict, asset_dir) -> HFTextBackbone:
         return cls(asset_dir, spec["max_length"], spec["pooling"], pretrained=False)
 
-    def write_expert(self, folder: Path, expert: Expert, classes: list[str]) -> dict[str, str]:
+    def write_expert(
+        self, folder: Path, expert: ExpertWeights, classes: list[str]
+    ) -> dict[str, str]:
         """A linear head (what this project fine-tunes) -> a sentence-transformers folder + the
         head file; a hidden-layer head (an expert that came as a transformers classifier) ->
         its ``*ForSequenceClassification`` folder. A ``BertForSequenceClassification`` cannot
@@ -270,13 +268,13 @@ class HFTextBackbone(Backbone):
         self.tokenizer.save_pretrained(folder)
         return "."
 
-    def _write_sentence_transformer(self, folder: Path, expert: Expert, classes: list[str]):
+    def _write_sentence_transformer(self, folder: Path, expert: ExpertWeights, classes: list[str]):
         """Written by sentence-transformers itself (Transformer + Pooling [+ Normalize])."""
         # imported here: sentence-transformers is only needed to write experts, and the
         # experts package (the head file's format) imports this one
         from sentence_transformers import SentenceTransformer
 
-        from ..experts.formats.registry import HEAD_FILE, write_head_file
+        from ..experts.formats.layout import HEAD_FILE, write_head_file
 
         try:  # sentence-transformers >= 6 (the modules' earlier home is deprecated there)
             from sentence_transformers.sentence_transformer.modules import (
@@ -298,11 +296,11 @@ class HFTextBackbone(Backbone):
         )
         write_head_file(folder / HEAD_FILE, expert.head, classes, expert.normalize)
 
-    def _write_classifier(self, folder: Path, expert: Expert, classes: list[str]) -> None:
+    def _write_classifier(self, folder: Path, expert: ExpertWeights, classes: list[str]) -> None:
         """The ``*ForSequenceClassification`` the expert came as (``save_pretrained``)."""
         from transformers import AutoModelForSequenceClassification
 
-        from ..experts.formats.transformers_classifier import head_modules
+        from ..experts.formats.layout import head_modules
 
         config = copy.deepcopy(self.model.config)
         config.num_labels = len(classes)

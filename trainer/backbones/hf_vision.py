@@ -36,7 +36,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -47,11 +46,8 @@ from transformers import AutoConfig, PretrainedConfig
 
 from ..errors import UserError
 from ..hub import resolve_source
-from .base import Backbone
+from .base import Backbone, ExpertWeights
 from .registry import BackboneSettings, register
-
-if TYPE_CHECKING:  # the experts package imports this one
-    from ..experts.expert import Expert
 
 PROCESSOR_FILE = "preprocessor_config.json"
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL's numbering
@@ -369,10 +365,12 @@ class HFVisionBackbone(Backbone):
     def from_spec(cls, spec: dict, asset_dir) -> HFVisionBackbone:
         return cls(asset_dir, pretrained=False)
 
-    def write_expert(self, folder: Path, expert: Expert, classes: list[str]) -> dict[str, str]:
+    def write_expert(
+        self, folder: Path, expert: ExpertWeights, classes: list[str]
+    ) -> dict[str, str]:
         """``save_pretrained`` of the vision model with its ``preprocessor_config.json``, and
         the head file."""
-        from ..experts.formats.registry import HEAD_FILE, write_head_file
+        from ..experts.formats.layout import HEAD_FILE, write_head_file
 
         if expert.head.hidden_weight is not None:
             raise UserError(

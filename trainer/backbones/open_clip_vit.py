@@ -8,18 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from ..errors import UserError
-from .base import Backbone
+from .base import Backbone, ExpertWeights
 from .registry import BackboneSettings, register
-
-if TYPE_CHECKING:  # the experts package imports this one
-    from ..experts.expert import Expert
 
 
 @dataclass
@@ -187,9 +183,11 @@ class OpenClipViTBackbone(Backbone):
     def from_spec(cls, spec: dict, asset_dir) -> OpenClipViTBackbone:
         return cls(spec.get("model", ""), spec["vision_cfg"], spec["embed_dim"])
 
-    def write_expert(self, folder: Path, expert: Expert, classes: list[str]) -> dict[str, str]:
+    def write_expert(
+        self, folder: Path, expert: ExpertWeights, classes: list[str]
+    ) -> dict[str, str]:
         """The visual tower's state dict ``visual.safetensors`` + the head file."""
-        from ..experts.formats.registry import HEAD_FILE, write_head_file
+        from ..experts.formats.layout import HEAD_FILE, write_head_file
 
         if expert.head.hidden_weight is not None:
             raise UserError(

@@ -4,9 +4,10 @@
 surgery settings, and the sha256 of every file (its common fields are the ``modeldir`` schema
 that the exporter's model dir shares); ``trainer.fit`` adds which row it holds and why
 (``bundle``: the row, the criterion it was chosen by and every row's score) and what surgery
-learned from (``unlabeled``: the protocol, the source and the rows per task); ``backbone.safetensors`` holds the shared merged
-backbone, ``tasks.safetensors`` the per-task heads and adapters. Written to a temporary
-directory and renamed, so a bundle is either complete or absent.
+learned from (``unlabeled``: the protocol, the source and the rows per task);
+``backbone.safetensors`` holds the shared merged backbone, ``tasks.safetensors`` the per-task
+heads and adapters. Written to a temporary directory and renamed, so a bundle is either
+complete or absent.
 """
 
 from __future__ import annotations

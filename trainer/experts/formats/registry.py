@@ -25,16 +25,15 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ...backbones import Backbone
 from ...errors import UserError
 from ...surgery.model import TaskHead
 from ..checkpoints import StateDict, check_compatible
+from .layout import HEAD_FILE, write_head_file  # noqa: F401  (re-exported: the formats' names)
 
 log = logging.getLogger("deepsurgery")
 
-HEAD_FILE = "head.safetensors"
 ZEROSHOT = "zeroshot"  # a task's head = "zeroshot": built from its class names (CLIP)
 
 
@@ -339,23 +338,6 @@ def read_head_file(path: Path, what: str) -> tuple[TaskHead, list[str] | None, b
     if "normalize" in meta:
         normalize = meta["normalize"].strip().lower() == "true"
     return TaskHead(weight.float(), bias.float()), classes, normalize
-
-
-def write_head_file(
-    path: Path, head: TaskHead, classes: list[str] | None = None, normalize: bool | None = None
-) -> Path:
-    """Write a linear ``head`` as a head file (the format ``read_head_file`` reads); ``None``
-    leaves a field out."""
-    if head.hidden_weight is not None:
-        raise ValueError("a head file holds a linear head; this head has a hidden layer")
-    metadata = {}
-    if normalize is not None:
-        metadata["normalize"] = "true" if normalize else "false"
-    if classes is not None:
-        metadata["classes"] = json.dumps(list(classes))
-    tensors = {"weight": head.weight.float().contiguous(), "bias": head.bias.float().contiguous()}
-    save_file(tensors, str(path), metadata=metadata)
-    return path
 
 
 def linear_head(

@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 from ...backbones import HFTextBackbone
 from ...errors import UserError
 from ...surgery.model import TaskHead
+from .layout import head_modules
 from .registry import ExpertSource, LoadedExpert, register
 
 
@@ -40,17 +41,6 @@ def detect(path: Path) -> bool:
     return path.is_dir() and any(
         a.endswith("ForSequenceClassification") for a in _architectures(path)
     )
-
-
-def head_modules(model: nn.Module, model_type: str) -> tuple[nn.Linear, nn.Linear, str]:
-    """(hidden layer, output layer, activation) of a ``*ForSequenceClassification``: the path
-    from the [CLS] hidden state to its logits."""
-    if model_type == "bert":
-        return model.bert.pooler.dense, model.classifier, "tanh"
-    if model_type == "distilbert":
-        return model.pre_classifier, model.classifier, "relu"
-    activation = "gelu" if model_type == "electra" else "tanh"
-    return model.classifier.dense, model.classifier.out_proj, activation
 
 
 def classification_head(model: nn.Module, model_type: str) -> TaskHead:
