@@ -1,13 +1,11 @@
 """The Experiment: models own their weights, and nothing label-dependent reaches surgery or
 data-driven merging."""
 
-import json
-import shutil
-
 import numpy as np
 import pytest
 import torch
 
+from tests.trainer.pool_kit import permute_test_labels
 from trainer.config import load_config
 from trainer.data.unlabeled import unlabeled_pool
 from trainer.errors import UserError
@@ -19,27 +17,11 @@ def _prepare(config_path, data, cache, *overrides):
     return prepare(config, data_root=data, cache=cache, device=torch.device("cpu"))
 
 
-def _permute_test_labels(src, dst, seed):
-    """A copy of the task folders whose test rows carry shuffled labels (same inputs)."""
-    shutil.copytree(src, dst)
-    rng = np.random.default_rng(seed)
-    for task in dst.iterdir():
-        rows = [json.loads(x) for x in (task / "test.jsonl").read_text().splitlines()]
-        labels = rng.permutation([r["label"] for r in rows])
-        (task / "test.jsonl").write_text(
-            "".join(
-                json.dumps({"text": r["text"], "label": int(y)}) + "\n"
-                for r, y in zip(rows, labels)
-            )
-        )
-    return dst
-
-
 def test_surgery_and_adamerging_never_read_labels(tiny_config, text_tasks, tmp_path):
     """Surgery learns from the test inputs: with the test LABELS permuted (same inputs), the
     trained adapters and AdaMerging's merge must be bit-identical. A leak of labels into
     either would break the equality (checked by injecting one)."""
-    permuted = _permute_test_labels(text_tasks, tmp_path / "permuted", seed=5)
+    permuted = permute_test_labels(text_tasks, tmp_path / "permuted", seed=5)
     runs = []
     for data in (text_tasks, permuted):
         exp = _prepare(
