@@ -1,7 +1,9 @@
 """The whole chain a user runs: trainer.fit (demo, real MiniLM) -> export.onnx -> gRPC server.
 
 Slow (a couple of minutes on 2 cores) but run by `make test`: the demo config, shortened with
---set, is trained, exported with per-task graphs, and served for one Predict per task and '*'.
+--set (two merge methods, fewer steps and rows), is trained, exported with per-task graphs, and
+served for one Predict per task and '*'. The searches, the other merges and the protocols have
+their own tests on tiny models.
 """
 
 import json
@@ -37,6 +39,12 @@ def test_demo_fit_export_serve(tmp_path):
         "surgery.iterations=10",
         "--set",
         "merge.adamerging.iterations=3",
+        "--set",
+        'merge.methods=["task_arithmetic", "adamerging"]',
+        "--set",
+        "demo.test=120",
+        "--set",
+        "validation.size=60",
     )
     assert "task_arithmetic w/ SurgeryV2" in stdout
     results = json.loads((out / "results.json").read_text())

@@ -126,6 +126,10 @@ def test_core_overhead_bench_reports_both_protocols(text_model_dir, tmp_path):
         assert 1 <= r["mean_batch_rows"] <= 32 and r["served_rows_per_s"] > 0
         want = r["served_rows_per_s"] / r["bare_run_rows_per_s"]
         assert r["ratio"] == pytest.approx(want, abs=1e-3)
+        # the server did the bare loop's work and more, and the load generator used CPU too
+        assert r["server_cpu_ms_per_row"] > 0 and r["client_cpu_ms_per_row"] > 0
+        cpu = r["bare_cpu_ms_per_row"] / r["server_cpu_ms_per_row"]
+        assert r["cpu_ratio"] == pytest.approx(cpu, rel=0.01)
     assert report["batch_rows_histogram"]["+Inf"] > 0
 
 
