@@ -324,10 +324,27 @@ def load_config(name_or_path: str = "demo", overrides: list[str] | None = None) 
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"config {path} is not valid TOML: {exc}") from None
     raw = apply_overrides(raw, overrides or [])
+    _inherit_seed(raw)
     raw.setdefault("name", path.stem)
     config = _build(Config, raw, "config")
     validate(config)
     return config
+
+
+# sections whose own ``seed`` follows the top-level one unless they set it: a run reseeded with
+# ``seed = 1`` fine-tunes other experts and trains other adapters, not only another validation
+# split. The pretrained base ([pretrain]) stays: it plays the downloaded checkpoint.
+SEEDED_SECTIONS = ("finetune", "surgery")
+
+
+def _inherit_seed(raw: dict) -> None:
+    seed = raw.get("seed", 0)
+    if seed == 0:  # every section's default: nothing to copy (and configs stay byte-equal)
+        return
+    for section in SEEDED_SECTIONS:
+        node = raw.setdefault(section, {})
+        if isinstance(node, dict):
+            node.setdefault("seed", seed)
 
 
 def validate(config: Config) -> None:

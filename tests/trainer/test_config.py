@@ -69,3 +69,13 @@ def test_a_task_named_star_is_refused(tmp_path):
     path.write_text('[[tasks]]\nname = "*"\npath = "x"\n')
     with pytest.raises(UserError, match="tasks\\[0\\] is named '\\*'"):
         load_config(str(path))
+
+
+def test_the_top_level_seed_reseeds_experts_and_surgery_unless_pinned():
+    base = load_config("demo")
+    assert (base.seed, base.finetune.seed, base.surgery.seed) == (0, 0, 0)
+    reseeded = load_config("demo", ["seed=2"])
+    assert (reseeded.seed, reseeded.finetune.seed, reseeded.surgery.seed) == (2, 2, 2)
+    assert reseeded.pretrain.seed == 0  # the pretrained base stays the same checkpoint
+    pinned = load_config("demo", ["seed=2", "finetune.seed=7"])
+    assert (pinned.finetune.seed, pinned.surgery.seed) == (7, 2)
