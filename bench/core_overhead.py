@@ -41,7 +41,15 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.serving_load import RESULTS, LoadSpec, ServerProcess, loadavg, model_inputs, run_load
+from bench.serving_load import (
+    RESULTS,
+    LoadSpec,
+    ServerProcess,
+    loadavg,
+    model_inputs,
+    open_model_dir,
+    run_load,
+)
 
 TARGET = 0.9
 PROTOCOLS = ("deepsurgery.v1", "open-inference")
@@ -144,12 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS / "core_overhead.json")
     args = p.parse_args(argv)
 
-    from runtime.manifest import ModelDirError, load_model_dir
-
-    try:
-        spec = load_model_dir(args.model)
-    except ModelDirError as e:
-        print(f"bench.core_overhead: error: {e}", file=sys.stderr)
+    spec = open_model_dir("bench.core_overhead", args.model)
+    if spec is None:
         return 2
     tasks = [t.name for t in spec.tasks]
     task = args.task or tasks[0]

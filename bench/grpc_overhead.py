@@ -30,6 +30,7 @@ from bench.serving_load import (
     ServerProcess,
     model_inputs,
     open_inference_request,
+    open_model_dir,
 )
 
 TARGET = 1.2
@@ -59,13 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     from protos.deepsurgery.v1 import inference_pb2_grpc as pb_grpc
     from protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
     from runtime.engine import Engine
-    from runtime.manifest import ModelDirError, load_model_dir
     from runtime.preprocess import make_preprocessor
 
-    try:
-        spec = load_model_dir(args.model)
-    except ModelDirError as e:
-        print(f"bench.grpc_overhead: error: {e}", file=sys.stderr)
+    spec = open_model_dir("bench.grpc_overhead", args.model)
+    if spec is None:
         return 2
     task = args.task or spec.tasks[0].name
     index = spec.task(task).index

@@ -108,6 +108,18 @@ def image_inputs(n: int = 64, seed: int = 0) -> list[bytes]:
     return out
 
 
+def open_model_dir(prog: str, path: Path):
+    """The model dir's spec (runtime.manifest), or None after a one-line error naming the
+    problem on stderr (the bench then exits 2)."""
+    from runtime.manifest import ModelDirError, load_model_dir
+
+    try:
+        return load_model_dir(path)
+    except ModelDirError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return None
+
+
 def model_inputs(manifest: dict) -> tuple[str, list]:
     """(oneof field name, inputs) for the model's modality."""
     if manifest["modality"] == "text":
@@ -270,19 +282,25 @@ async def _load(spec: LoadSpec) -> LoadResult:
     return LoadResult(spec.requests, len(errors), seconds, latencies, errors[:5])
 
 
-def _load_process(spec: LoadSpec, queue) -> None:
-    queue.put(asyncio.run(_load(spec)))
+def _async_process(load, spec, queue) -> None:
+    queue.put(asyncio.run(load(spec)))
 
 
-def run_load(spec: LoadSpec) -> LoadResult:
-    """Run the load generator in its own process (it must not share the servers' cores' GIL)."""
+def in_process(load, spec):
+    """``asyncio.run(load(spec))`` in a spawned process, its result returned: a load generator
+    must not share the servers' GIL (``load`` is a module-level coroutine function)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_load_process, args=(spec, queue))
+    proc = ctx.Process(target=_async_process, args=(load, spec, queue))
     proc.start()
     result = queue.get()
     proc.join()
     return result
+
+
+def run_load(spec: LoadSpec) -> LoadResult:
+    """The closed-loop load generator, in its own process."""
+    return in_process(_load, spec)
 
 
 # ---------------------------------------------------------------- report
@@ -381,18 +399,9 @@ async def _open_load(spec: OpenSpec) -> OpenResult:
     return OpenResult(n / sending, n, ok_ms, refused_ms, errors, total)
 
 
-def _open_process(spec: OpenSpec, queue) -> None:
-    queue.put(asyncio.run(_open_load(spec)))
-
-
 def run_open(spec: OpenSpec) -> OpenResult:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_open_process, args=(spec, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    """The open-loop (fixed arrival rate) load generator, in its own process."""
+    return in_process(_open_load, spec)
 
 
 # ---------------------------------------------------------------- scenarios
@@ -935,12 +944,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS / "serving_load.json")
     args = p.parse_args(argv)
 
-    from runtime.manifest import ModelDirError, load_model_dir
-
-    try:
-        spec = load_model_dir(args.model)
-    except ModelDirError as e:
-        print(f"bench.serving_load: error: {e}", file=sys.stderr)
+    spec = open_model_dir("bench.serving_load", args.model)
+    if spec is None:
         return 2
     manifest = spec.manifest
     tasks = [t.name for t in spec.tasks]
