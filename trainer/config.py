@@ -121,7 +121,10 @@ class SurgeryConfig:
     loss: str = "l1"
     iterations: int = 200
     batch_size: int = 16
-    lr: float = 1e-3
+    # Adam lr of the adapters, one value for every suite, chosen on validation rows: 3e-3 and
+    # 1e-3 tie on the demo's and dinov2-bench's, 3e-3 is 0.5 points ahead on text-bench's
+    # (within noise) and 1e-2 is 3.2 points behind on dinov2-bench's (the paper: 1e-3)
+    lr: float = 3e-3
     # what surgery and AdaMerging learn from, never labels (trainer.data.unlabeled):
     # "train" (the inductive protocol: train inputs minus validation rows and copies of test
     # inputs), "test" (the paper's transductive protocol), "task:<name>", or a file / folder

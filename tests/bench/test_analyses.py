@@ -14,6 +14,7 @@ from bench import (
     unlabeled_fraction,
     wild_data,
 )
+from trainer.config import SurgeryConfig
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,7 @@ def test_surgery_ablation(tiny_config, tmp_path, cache, capsys):
         "default",
         "iterations=4",
         "rank=2",
-        "lr=0.003",
+        f"lr={3 * SurgeryConfig().lr:g}",  # x3 of the shipped default
         "loss=cos",
         "batch_size=4",
     ]
