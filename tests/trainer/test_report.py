@@ -124,3 +124,11 @@ def test_protocol_line_and_summary():
     assert "gap closure" in summary and f"individual {rows[0]['avg'] * 100:.1f}±" in summary
     assert f": {comparison['verdict']} (" in summary
     assert "paired p = " in summary and "best on test" in summary
+    # no surgered row: the bundle's row is compared, and the line says how it was chosen
+    plain = [r for r in rows if r["surgery"] == "none"]
+    for criterion, words in (("only row", "the only row"), ("validation", "chosen on validation")):
+        bundle = {"row": "task_arithmetic/none", "criterion": criterion, "scores": {}}
+        results = paired_statistics(plain, correct, seed=0, bundle=bundle)
+        assert results["comparisons"][0]["chosen_by"] == f"bundle ({criterion})"
+        summary = summary_line("suite", plain, results)
+        assert f"(the bundle's row, {words})" in summary and "best on test" not in summary

@@ -84,7 +84,8 @@ def paired_statistics(
             )
     shipped = (bundle or {}).get("row")
     if shipped in correct and shipped != INDIVIDUAL and shipped not in dict(candidates):
-        candidates.append((shipped, f"bundle ({criterion})"))
+        # how the bundle's row was chosen, as the bundle says ("only row" included)
+        candidates.append((shipped, f"bundle ({(bundle or {}).get('criterion') or criterion})"))
     for key, chosen_by in candidates:
         if keyed[key]["avg"] is not None:
             result = stats.compare(correct[key], correct[INDIVIDUAL], key, "individual")
@@ -179,11 +180,18 @@ def summary_line(suite: str, rows: list[dict], paired: dict) -> str:
         ci = closure["ci95"]
         interval = "" if ci is None else f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
         text += f", gap closure {100 * closure['value']:.0f} %{interval}"
-    chosen = {
+    how = {
         "validation": "chosen on validation",
         "agreement": "chosen by agreement with the experts on validation",
         "the only surgered row": "the only surgered row",
-    }.get(comparison["chosen_by"], "best on test")
+        "only row": "the only row",
+    }
+    chosen_by = comparison["chosen_by"]
+    if chosen_by.startswith("bundle (") and chosen_by.endswith(")"):
+        inner = chosen_by[len("bundle (") : -1]
+        chosen = f"the bundle's row, {how.get(inner, inner)}"
+    else:
+        chosen = how.get(chosen_by, "best on test")
     return (
         f"{text} ({chosen}) vs individual {_avg_text(individual)}: {comparison['verdict']} "
         f"({100 * comparison['difference']:+.1f} points, paired p = "
