@@ -98,9 +98,9 @@ def test_training_lowers_the_entropy(tiny_bert_dir):
     assert entropy(learned) < before
 
 
-def test_defaults_are_the_papers():
+def test_defaults():
     params = {p.name: p.default for p in get_method("adamerging").params}
-    assert params["lr"] == 1e-3
+    assert params["lr"] == 3e-3  # chosen on validation across suites (the paper: 1e-3)
     assert params["init"] == 0.3
     assert params["batch_size"] == 16
 

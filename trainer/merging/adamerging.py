@@ -2,9 +2,9 @@
 
     Θ_k = Θ_k(0) + Σ_t λ_{t,k} τ_{t,k}        λ clamped to [0, 1]
 
-λ is learned by Adam (lr 1e-3) on every task's head's prediction entropy over that task's
-unlabeled inputs. The backbone runs through ``torch.func.functional_call`` on the merged
-tensors, so gradients reach λ without copying the model.
+λ is learned by Adam (lr 3e-3; the paper: 1e-3) on every task's head's prediction entropy
+over that task's unlabeled inputs. The backbone runs through ``torch.func.functional_call``
+on the merged tensors, so gradients reach λ without copying the model.
 
 What keeps it from collapsing (measured: docs/RESULTS.md, "Why AdaMerging collapsed"): a
 head's entropy is no measure of its accuracy when the merge starts poor or the tasks fight
@@ -113,7 +113,9 @@ def _held_out(
     "adamerging",
     params=[
         Param("iterations", int, 100, low=0, help="Adam steps, each on a batch of every task"),
-        Param("lr", float, 1e-3, low=0.0, help="Adam learning rate of the coefficients"),
+        # 3e-3 (the paper: 1e-3), chosen on validation: +1.1 points on dinov2-bench, a tie
+        # on text-bench and the demo (where the guard stops either within 15 steps)
+        Param("lr", float, 3e-3, low=0.0, help="Adam learning rate of the coefficients"),
         Param("batch_size", int, 16, low=1, help="unlabeled inputs per task per step"),
         Param("init", float, 0.3, low=0.0, high=1.0, help="initial coefficient"),
         Param(
