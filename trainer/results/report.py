@@ -67,11 +67,12 @@ def paired_statistics(
         return {"gap_closure": closure, "comparisons": comparisons}
     candidates = []  # (row key, how it was chosen)
     surgered = [k for k, r in keyed.items() if r["surgery"] != "none" and k in correct]
-    scores = (bundle or {}).get("scores") or {}
+    bundle = bundle or {}
+    scores = bundle.get("scores") or {}
     # the scores are validation accuracies, or agreement with the experts on validation
-    # inputs, whatever chose the bundle's row (the config may name it)
-    criterion = (bundle or {}).get("criterion")
-    criterion = criterion if criterion in ("validation", "agreement") else "validation"
+    # inputs, whatever chose the bundle's row (the config may name it; "only row" has none)
+    shipped_by = bundle.get("criterion") or "validation"
+    criterion = shipped_by if shipped_by in ("validation", "agreement") else "validation"
     if len(surgered) == 1:
         candidates.append((surgered[0], "the only surgered row"))
     elif surgered:
@@ -82,10 +83,9 @@ def paired_statistics(
             candidates.append(
                 (best, "test (no validation scores): the interval and p-value are optimistic")
             )
-    shipped = (bundle or {}).get("row")
+    shipped = bundle.get("row")
     if shipped in correct and shipped != INDIVIDUAL and shipped not in dict(candidates):
-        # how the bundle's row was chosen, as the bundle says ("only row" included)
-        candidates.append((shipped, f"bundle ({(bundle or {}).get('criterion') or criterion})"))
+        candidates.append((shipped, f"bundle ({shipped_by})"))
     for key, chosen_by in candidates:
         if keyed[key]["avg"] is not None:
             result = stats.compare(correct[key], correct[INDIVIDUAL], key, "individual")
