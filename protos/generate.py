@@ -7,7 +7,11 @@ Protocol (protos/inference/grpc_predict_v2.proto, package `inference`).
 protoc writes `from deepsurgery.v1 import inference_pb2` (and `from inference import ...`) into
 the grpc stubs, which only works with protos/ on sys.path; `fix_imports` makes them relative
 imports so the stubs import as `protos.deepsurgery.v1` and `protos.inference`.
-tests/runtime/test_protos.py runs the same two steps and compares.
+The grpc plugin also stamps its own version into each `*_pb2_grpc.py` as the oldest grpcio the
+stub will run on; `stamp_grpc_floor` replaces it with the grpcio floor that pyproject.toml
+declares, so any grpcio-tools patch release writes the same files and the stubs ask for exactly
+the grpcio the package requires.
+tests/runtime/test_protos.py runs the same steps and compares.
 Needs grpcio-tools (the dev extra).
 """
 
@@ -16,9 +20,11 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import tomllib
 from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
+PYPROJECT = PROTO_ROOT.parent / "pyproject.toml"
 PROTO_FILES = ["deepsurgery/v1/inference.proto", "inference/grpc_predict_v2.proto"]
 GENERATED = [
     "deepsurgery/v1/inference_pb2.py",
@@ -36,6 +42,30 @@ def fix_imports(source: str) -> str:
     )
 
 
+def grpc_floor(pyproject: Path = PYPROJECT) -> str:
+    """The X.Y.Z of pyproject.toml's `grpcio>=X.Y.Z` requirement (core or any extra)."""
+    project = tomllib.loads(pyproject.read_text())["project"]
+    extras = project.get("optional-dependencies", {}).values()
+    for dep in [*project.get("dependencies", []), *(d for group in extras for d in group)]:
+        match = re.fullmatch(r"grpcio\s*>=\s*([0-9][0-9.]*)(?:\s*,.*)?", dep.strip())
+        if match:
+            return match.group(1)
+    raise RuntimeError(f"{pyproject} requires no `grpcio>=X.Y.Z` to stamp the stubs with")
+
+
+def stamp_grpc_floor(source: str, floor: str) -> str:
+    """`GRPC_GENERATED_VERSION = '<grpcio-tools version>'` -> the project's grpcio floor."""
+    stamped, n = re.subn(
+        r"^GRPC_GENERATED_VERSION = '[^']*'$",
+        f"GRPC_GENERATED_VERSION = '{floor}'",
+        source,
+        flags=re.M,
+    )
+    if n != 1:
+        raise RuntimeError("the grpc stub has no single GRPC_GENERATED_VERSION line to stamp")
+    return stamped
+
+
 def generate(out_dir: Path) -> list[Path]:
     """Run protoc on PROTO_FILES into out_dir; return the written stub paths."""
     from grpc_tools import protoc
@@ -50,10 +80,14 @@ def generate(out_dir: Path) -> list[Path]:
     ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {PROTO_FILES}")
+    floor = grpc_floor()
     written = []
     for rel in GENERATED:
         path = out_dir / rel
-        path.write_text(fix_imports(path.read_text()))
+        source = fix_imports(path.read_text())
+        if rel.endswith("_pb2_grpc.py"):
+            source = stamp_grpc_floor(source, floor)
+        path.write_text(source)
         written.append(path)
     return written
 

@@ -84,3 +84,18 @@ def inspect_source() -> str:
     import inspect
 
     return inspect.getsource(fields_of)
+
+
+def test_stubs_ask_for_the_grpcio_the_package_requires():
+    floor = generate.grpc_floor()
+    assert floor == "1.85.1"
+    for rel in generate.GENERATED:
+        if rel.endswith("_pb2_grpc.py"):
+            text = (generate.PROTO_ROOT / rel).read_text()
+            assert f"GRPC_GENERATED_VERSION = '{floor}'" in text
+    # whatever grpcio-tools patch release wrote the stub, it is stamped with the floor
+    tool_written = "import grpc\nGRPC_GENERATED_VERSION = '1.85.4'\nGRPC_VERSION = '1.85.4'\n"
+    stamped = generate.stamp_grpc_floor(tool_written, floor)
+    assert stamped == tool_written.replace("VERSION = '1.85.4'", f"VERSION = '{floor}'", 1)
+    with pytest.raises(RuntimeError, match="GRPC_GENERATED_VERSION"):
+        generate.stamp_grpc_floor("import grpc\n", floor)
