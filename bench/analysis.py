@@ -256,7 +256,9 @@ class Analysis:
             "merge": {"method": METHOD, "hparams": self.hparams},
             "rank": sc.rank,
             "iterations": self.iterations,
-            "surgery": {k: getattr(sc, k) for k in ("batch_size", "lr", "loss", "seed")},
+            "surgery": {
+                k: getattr(sc, k) for k in ("batch_size", "lr", "loss", "schedule", "seed")
+            },
             "unlabeled": sc.unlabeled,
             "chosen_on": self.criterion,
             "validation": {

@@ -5,8 +5,9 @@
 
 Every variant trains fresh SurgeryV2 adapters on the Task Arithmetic merge (the same merge,
 the same unlabeled inputs, the same seeded eval rows) with ONE surgery setting changed from
-the config's ``[surgery]``: ``iterations``, ``rank``, ``lr``, ``loss`` (l1, mse, cos) or
-``batch_size``, written ``key=value``; ``default`` is the config itself.
+the config's ``[surgery]``: ``iterations``, ``rank``, ``lr``, ``loss`` (l1, mse, cos),
+``schedule`` (constant, cosine) or ``batch_size``, written ``key=value``; ``default`` is the
+config itself.
 
 Every variant is scored on the VALIDATION rows (held out of each task's train split; by
 agreement with the experts where a task has none) and the best validation average is the
@@ -41,14 +42,22 @@ from bench.analysis import (
 from bench.common import print_table
 from trainer.errors import UserError
 from trainer.results import stats
-from trainer.surgery.train import LOSSES
+from trainer.surgery.train import LOSSES, SCHEDULES
 
 NAME = "surgery_ablation"
 DEFAULT_VARIANTS = (
     "default,iterations=x0.5,iterations=x2,rank=8,rank=32,lr=x0.3,lr=x3,loss=mse,loss=cos,"
-    "batch_size=x2"
+    "schedule=cosine,batch_size=x2"
 )
-KINDS = {"iterations": int, "rank": int, "lr": float, "loss": str, "batch_size": int}
+KINDS = {
+    "iterations": int,
+    "rank": int,
+    "lr": float,
+    "loss": str,
+    "schedule": str,
+    "batch_size": int,
+}
+CHOICES = {"loss": LOSSES, "schedule": SCHEDULES}  # the settings that are words
 
 
 def main(argv=None) -> int:
@@ -81,14 +90,14 @@ def parse_variants(text: str, defaults: dict) -> list[tuple[str, dict]]:
         try:
             if kind is str:
                 parsed = value.strip()
-                if parsed not in LOSSES:
+                if parsed not in CHOICES[key]:
                     raise ValueError
             elif value.strip().startswith("x"):
                 parsed = kind(float(value.strip()[1:]) * defaults[key])
             else:
                 parsed = kind(value)
         except ValueError:
-            want = f"one of {', '.join(LOSSES)}" if kind is str else "a number or xF"
+            want = f"one of {', '.join(CHOICES[key])}" if kind is str else "a number or xF"
             raise UserError(f"--variants: '{item}': {key} must be {want}") from None
         if kind is not str and parsed <= 0:
             raise UserError(f"--variants: '{item}': {key} must be > 0")
@@ -109,6 +118,7 @@ def run(args) -> dict:
         "rank": sc.rank,
         "lr": sc.lr,
         "loss": sc.loss,
+        "schedule": sc.schedule,
         "batch_size": sc.batch_size,
     }
     variants = parse_variants(args.variants, defaults)

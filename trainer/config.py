@@ -21,7 +21,7 @@ from .backbones import BackboneSettings, HFTextSettings, get_kind
 from .errors import UserError
 from .merging import METHODS, get_method
 from .surgery.model import SURGERY_MODES
-from .surgery.train import LOSSES
+from .surgery.train import LOSSES, SCHEDULES
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -125,6 +125,8 @@ class SurgeryConfig:
     # 1e-3 tie on the demo's and dinov2-bench's, 3e-3 is 0.5 points ahead on text-bench's
     # (within noise) and 1e-2 is 3.2 points behind on dinov2-bench's (the paper: 1e-3)
     lr: float = 3e-3
+    # the lr over the iterations: "constant" (the paper's) or "cosine" (annealed to 0)
+    schedule: str = "constant"
     # what surgery and AdaMerging learn from, never labels (trainer.data.unlabeled):
     # "train" (the inductive protocol: train inputs minus validation rows and copies of test
     # inputs), "test" (the paper's transductive protocol), "task:<name>", or a file / folder
@@ -392,6 +394,8 @@ def validate(config: Config) -> None:
             raise UserError(f"unknown surgery mode '{mode}'; valid: {', '.join(SURGERY_MODES)}")
     if sc.loss not in LOSSES:
         raise UserError(f"unknown surgery.loss '{sc.loss}'; valid: {', '.join(LOSSES)}")
+    if sc.schedule not in SCHEDULES:
+        raise UserError(f"unknown surgery.schedule '{sc.schedule}'; valid: {', '.join(SCHEDULES)}")
     if sc.rank < 1:
         raise UserError(f"surgery.rank must be >= 1, got {sc.rank}")
     if sc.branch_block < 0:

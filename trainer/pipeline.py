@@ -251,7 +251,8 @@ class Experiment:
     ) -> SurgeryResult:
         """Train ``model``'s adapters (the config's [surgery] values unless overridden)."""
         sc = self.config.surgery
-        kwargs = {k: getattr(sc, k) for k in ("iterations", "batch_size", "lr", "loss", "seed")}
+        keys = ("iterations", "batch_size", "lr", "loss", "schedule", "seed")
+        kwargs = {k: getattr(sc, k) for k in keys}
         kwargs.update(overrides)
         pool = self.unlabeled if unlabeled is None else unlabeled
         frozen = None

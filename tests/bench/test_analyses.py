@@ -117,7 +117,7 @@ def test_rank_sweep(tiny_config, tmp_path, cache):
 
 
 def test_surgery_ablation(tiny_config, tmp_path, cache, capsys):
-    variants = "default,iterations=x2,rank=2,lr=x3,loss=cos,batch_size=4"
+    variants = "default,iterations=x2,rank=2,lr=x3,loss=cos,schedule=cosine,batch_size=4"
     code = _run(
         surgery_ablation, tiny_config, tmp_path, cache, "--variants", variants, "--iterations", "2"
     )
@@ -129,11 +129,13 @@ def test_surgery_ablation(tiny_config, tmp_path, cache, capsys):
         "rank=2",
         f"lr={3 * SurgeryConfig().lr:g}",  # x3 of the shipped default
         "loss=cos",
+        "schedule=cosine",
         "batch_size=4",
     ]
     base = data["defaults"]
     assert base["iterations"] == 2 and data["rows"][0]["delta_points"] == 0.0
-    for r, changed in zip(data["rows"][1:], ["iterations", "rank", "lr", "loss", "batch_size"]):
+    changes = ["iterations", "rank", "lr", "loss", "schedule", "batch_size"]
+    for r, changed in zip(data["rows"][1:], changes, strict=True):
         _check_row(r)
         # exactly one setting differs from the defaults
         assert [k for k in base if r["settings"][k] != base[k]] == [changed]
@@ -271,6 +273,11 @@ def test_adamerging_curve_one_recipe_from_a_given_start(tiny_config, tmp_path, c
         (wild_data, ["--wild", "{data}/nowhere.jsonl"], "nowhere.jsonl does not exist"),
         (surgery_ablation, ["--variants", "default,depth=3"], "'depth=3' is not default"),
         (surgery_ablation, ["--variants", "loss=huber"], "loss must be one of l1, mse, cos"),
+        (
+            surgery_ablation,
+            ["--variants", "schedule=step"],
+            "schedule must be one of constant, cosine",
+        ),
         (surgery_ablation, ["--variants", "rank=64"], "rank 64 does not fit the backbone width"),
         (adamerging_curve, ["--recipes", "paper,magic"], "--recipes: 'magic'; choose from"),
         (adamerging_curve, ["--every", "0"], "--every must be >= 1"),

@@ -78,3 +78,35 @@ def test_surgery_v1_trains_only_the_final_adapter(tiny_bert_dir):
     assert model.final_adapter.up.abs().sum() > 0
     for key, value in model.backbone.state_dict().items():
         assert torch.equal(value, before[key])  # merged weights frozen
+
+
+def test_cosine_schedule_anneals_the_adapters_steps_to_zero(tiny_bert_dir):
+    """Adam's step is ~lr: held constant the last step moves the adapters as much as the
+    first ones; annealed along a half cosine it moves them almost not at all."""
+    last_moves = {}
+    for schedule in ("constant", "cosine"):
+        model, experts = _setup(tiny_bert_dir)
+        targets = [
+            representations(e, TEXTS[t], 6, torch.device("cpu")) for t, e in enumerate(experts)
+        ]
+        snapshots = []
+
+        def keep(step, m, snapshots=snapshots):
+            snapshots.append(torch.cat([p.detach().flatten() for p in m.adapter_parameters()]))
+
+        train_surgery(
+            model,
+            TEXTS,
+            targets,
+            iterations=12,
+            batch_size=6,
+            lr=5e-3,
+            schedule=schedule,
+            callback=keep,
+        )
+        moves = [(b - a).abs().max().item() for a, b in zip(snapshots, snapshots[1:])]
+        last_moves[schedule] = moves[-1] / moves[0]
+    assert last_moves["constant"] > 0.3
+    assert last_moves["cosine"] < 0.05
+    with pytest.raises(ValueError, match="unknown surgery schedule 'step'"):
+        train_surgery(model, TEXTS, targets, iterations=1, batch_size=6, lr=5e-3, schedule="step")

@@ -31,6 +31,9 @@ from .features import Targets, final_features
 from .model import MultiTaskModel
 
 LOSSES = ("l1", "mse", "cos")
+# the adapters' Adam lr over the iterations: held ("constant", the paper's) or annealed to 0
+# along a half cosine ("cosine")
+SCHEDULES = ("constant", "cosine")
 
 
 def distance(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
@@ -69,6 +72,7 @@ def train_surgery(
     batch_size: int,
     lr: float,
     loss: str = "l1",
+    schedule: str = "constant",
     device: torch.device = torch.device("cpu"),
     seed: int = 0,
     callback: Callable[[int, MultiTaskModel], None] | None = None,
@@ -91,6 +95,13 @@ def train_surgery(
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown surgery schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, iterations))
+        if schedule == "cosine"
+        else None
+    )
     rng = np.random.default_rng(seed)
     if model.mode != "surgery":
         frozen_final = None
@@ -119,6 +130,8 @@ def train_surgery(
             task_loss.backward()  # gradients of Σ_t accumulate; one step below
             total += task_loss.item()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         losses.append(total)
         bar.set_postfix(loss=f"{total:.4f}")
         if callback is not None:
