@@ -257,7 +257,8 @@ class Analysis:
             "rank": sc.rank,
             "iterations": self.iterations,
             "surgery": {
-                k: getattr(sc, k) for k in ("batch_size", "lr", "loss", "schedule", "seed")
+                k: getattr(sc, k)
+                for k in ("batch_size", "lr", "loss", "schedule", "logit_weight", "seed")
             },
             "unlabeled": sc.unlabeled,
             "chosen_on": self.criterion,

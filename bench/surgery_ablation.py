@@ -6,8 +6,8 @@
 Every variant trains fresh SurgeryV2 adapters on the Task Arithmetic merge (the same merge,
 the same unlabeled inputs, the same seeded eval rows) with ONE surgery setting changed from
 the config's ``[surgery]``: ``iterations``, ``rank``, ``lr``, ``loss`` (l1, mse, cos),
-``schedule`` (constant, cosine) or ``batch_size``, written ``key=value``; ``default`` is the
-config itself.
+``schedule`` (constant, cosine), ``logit_weight`` or ``batch_size``, written ``key=value``;
+``default`` is the config itself.
 
 Every variant is scored on the VALIDATION rows (held out of each task's train split; by
 agreement with the experts where a task has none) and the best validation average is the
@@ -47,7 +47,7 @@ from trainer.surgery.train import LOSSES, SCHEDULES
 NAME = "surgery_ablation"
 DEFAULT_VARIANTS = (
     "default,iterations=x0.5,iterations=x2,rank=8,rank=32,lr=x0.3,lr=x3,loss=mse,loss=cos,"
-    "schedule=cosine,batch_size=x2"
+    "schedule=cosine,logit_weight=1,batch_size=x2"
 )
 KINDS = {
     "iterations": int,
@@ -55,6 +55,7 @@ KINDS = {
     "lr": float,
     "loss": str,
     "schedule": str,
+    "logit_weight": float,
     "batch_size": int,
 }
 CHOICES = {"loss": LOSSES, "schedule": SCHEDULES}  # the settings that are words
@@ -119,6 +120,7 @@ def run(args) -> dict:
         "lr": sc.lr,
         "loss": sc.loss,
         "schedule": sc.schedule,
+        "logit_weight": sc.logit_weight,
         "batch_size": sc.batch_size,
     }
     variants = parse_variants(args.variants, defaults)

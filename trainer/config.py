@@ -127,6 +127,9 @@ class SurgeryConfig:
     lr: float = 3e-3
     # the lr over the iterations: "constant" (the paper's) or "cosine" (annealed to 0)
     schedule: str = "constant"
+    # β of a KL term between the expert's and the surgered model's predictions through the
+    # task's own head, added to the representation loss (0: the paper's objective)
+    logit_weight: float = 0.0
     # what surgery and AdaMerging learn from, never labels (trainer.data.unlabeled):
     # "train" (the inductive protocol: train inputs minus validation rows and copies of test
     # inputs), "test" (the paper's transductive protocol), "task:<name>", or a file / folder
@@ -398,6 +401,8 @@ def validate(config: Config) -> None:
         raise UserError(f"unknown surgery.schedule '{sc.schedule}'; valid: {', '.join(SCHEDULES)}")
     if sc.rank < 1:
         raise UserError(f"surgery.rank must be >= 1, got {sc.rank}")
+    if not sc.logit_weight >= 0:
+        raise UserError(f"surgery.logit_weight must be >= 0 (0: off), got {sc.logit_weight}")
     if sc.branch_block < 0:
         raise UserError(f"surgery.branch_block must be >= 0, got {sc.branch_block}")
     _validate_unlabeled(sc.unlabeled, sc.unlabeled_size)

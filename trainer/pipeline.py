@@ -251,7 +251,7 @@ class Experiment:
     ) -> SurgeryResult:
         """Train ``model``'s adapters (the config's [surgery] values unless overridden)."""
         sc = self.config.surgery
-        keys = ("iterations", "batch_size", "lr", "loss", "schedule", "seed")
+        keys = ("iterations", "batch_size", "lr", "loss", "schedule", "logit_weight", "seed")
         kwargs = {k: getattr(sc, k) for k in keys}
         kwargs.update(overrides)
         pool = self.unlabeled if unlabeled is None else unlabeled

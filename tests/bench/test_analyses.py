@@ -117,7 +117,9 @@ def test_rank_sweep(tiny_config, tmp_path, cache):
 
 
 def test_surgery_ablation(tiny_config, tmp_path, cache, capsys):
-    variants = "default,iterations=x2,rank=2,lr=x3,loss=cos,schedule=cosine,batch_size=4"
+    variants = (
+        "default,iterations=x2,rank=2,lr=x3,loss=cos,schedule=cosine,logit_weight=0.5,batch_size=4"
+    )
     code = _run(
         surgery_ablation, tiny_config, tmp_path, cache, "--variants", variants, "--iterations", "2"
     )
@@ -130,11 +132,12 @@ def test_surgery_ablation(tiny_config, tmp_path, cache, capsys):
         f"lr={3 * SurgeryConfig().lr:g}",  # x3 of the shipped default
         "loss=cos",
         "schedule=cosine",
+        "logit_weight=0.5",
         "batch_size=4",
     ]
     base = data["defaults"]
     assert base["iterations"] == 2 and data["rows"][0]["delta_points"] == 0.0
-    changes = ["iterations", "rank", "lr", "loss", "schedule", "batch_size"]
+    changes = ["iterations", "rank", "lr", "loss", "schedule", "logit_weight", "batch_size"]
     for r, changed in zip(data["rows"][1:], changes, strict=True):
         _check_row(r)
         # exactly one setting differs from the defaults

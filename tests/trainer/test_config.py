@@ -40,6 +40,7 @@ def test_set_overrides_and_type_checks():
         ("surgery.rank=0", "rank must be >= 1"),
         ("surgery.loss='huber'", "unknown surgery.loss"),
         ("surgery.schedule='step'", "unknown surgery.schedule 'step'; valid: constant, cosine"),
+        ("surgery.logit_weight=-1", "surgery.logit_weight must be >= 0"),
         ("surgery.modes=['deep']", "unknown surgery mode"),
         ("surgery.unlabeled_fraction=0", r"unlabeled_fraction must be in \(0, 1\]"),
         ("surgery.unlabeled_fraction=1.5", r"unlabeled_fraction must be in \(0, 1\]"),

@@ -11,7 +11,7 @@ from trainer.data.tasks import Split
 from trainer.results.evaluate import evaluate_task
 from trainer.surgery.features import Targets, representations
 from trainer.surgery.model import Heads, MultiTaskModel
-from trainer.surgery.train import surgery_loss, train_surgery
+from trainer.surgery.train import logit_divergence, surgery_loss, train_surgery
 
 TEXTS = [
     [f"task zero sentence number {i} about cats" for i in range(12)],
@@ -110,3 +110,32 @@ def test_cosine_schedule_anneals_the_adapters_steps_to_zero(tiny_bert_dir):
     assert last_moves["cosine"] < 0.05
     with pytest.raises(ValueError, match="unknown surgery schedule 'step'"):
         train_surgery(model, TEXTS, targets, iterations=1, batch_size=6, lr=5e-3, schedule="step")
+
+
+def test_logit_weight_adds_the_heads_kl_and_trains(tiny_bert_dir):
+    model, experts = _setup(tiny_bert_dir)
+    targets = [representations(e, TEXTS[t], 6, torch.device("cpu")) for t, e in enumerate(experts)]
+    rows = torch.tensor([0, 4, 9])
+    batch = model.backbone.collate([TEXTS[1][i] for i in rows])
+    ids = torch.full((3,), 1)
+    target = targets[1].take(rows)
+    with torch.no_grad():
+        plain = surgery_loss(model, batch, ids, target, "l1")
+        weighted = surgery_loss(model, batch, ids, target, "l1", logit_weight=2.0)
+        final, _ = model.representations(batch, ids)
+        kl = logit_divergence(model, final, target.final, ids)
+        assert kl > 0  # the merged model predicts differently from the expert
+        torch.testing.assert_close(weighted - plain, 2.0 * kl)
+        # the expert against itself: nothing to learn; padding columns (task 0 has 2 of 3
+        # classes) add nothing
+        zero = logit_divergence(model, target.final, target.final, ids)
+        assert zero.abs() < 1e-6
+        pad = logit_divergence(model, target.final, target.final, torch.zeros(3, dtype=torch.long))
+        assert pad.abs() < 1e-6
+    result = train_surgery(
+        model, TEXTS, targets, iterations=30, batch_size=6, lr=5e-3, logit_weight=1.0
+    )
+    assert result.losses[-1] < 0.7 * result.losses[0]
+    with torch.no_grad():
+        final, _ = model.representations(batch, ids)
+        assert logit_divergence(model, final, target.final, ids) < kl

@@ -5,6 +5,11 @@ The merged backbone, the experts and the heads stay frozen; only the adapters of
 token-means Ẑ_l(t) and final representation match the expert's:
 
     loss = Σ_t Σ_l ψ(Ẑ_l(t), Z_l(t, expert))        ψ = L1 (default), MSE or 1 − cos
+           + β Σ_t KL(h_t(Z_L(t, expert)) ‖ h_t(Ẑ_L(t)))   (β = ``logit_weight``, 0 = the paper's)
+
+The optional second term reads both final representations through the task's own frozen head
+h_t (the expert's head): it weighs the representation's errors by what they change in the
+prediction, still without labels.
 
 ``surgeryv2`` sums over all L blocks and the final representation, ``surgery`` uses the final
 representation alone. The expert side needs no gradient: its L + 1 vectors per unlabeled
@@ -45,15 +50,34 @@ def distance(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tenso
     return (1.0 - F.cosine_similarity(pred, target, dim=-1)).mean()
 
 
-def surgery_loss(
-    model: MultiTaskModel, batch: dict, task_ids: torch.Tensor, targets: Targets, loss: str
+def logit_divergence(
+    model: MultiTaskModel, final: torch.Tensor, target: torch.Tensor, task_ids: torch.Tensor
 ) -> torch.Tensor:
-    """Σ_l ψ(Ẑ_l, Z_l) over the final representation and, for surgeryv2, every block."""
+    """KL(expert's prediction ‖ surgered prediction) through each row's task head, averaged
+    over rows; padding columns carry probability 0 on both sides."""
+    predicted = F.log_softmax(model.heads(final, task_ids), dim=-1)
+    with torch.no_grad():
+        expert = F.log_softmax(model.heads(target, task_ids), dim=-1)
+    return F.kl_div(predicted, expert, log_target=True, reduction="batchmean")
+
+
+def surgery_loss(
+    model: MultiTaskModel,
+    batch: dict,
+    task_ids: torch.Tensor,
+    targets: Targets,
+    loss: str,
+    logit_weight: float = 0.0,
+) -> torch.Tensor:
+    """Σ_l ψ(Ẑ_l, Z_l) over the final representation and, for surgeryv2, every block; plus
+    ``logit_weight`` × the heads' KL when it is > 0."""
     deep = model.mode == "surgeryv2"
     final, means = model.representations(batch, task_ids, block_means=deep)
     total = distance(final, targets.final, loss)
     for index, mean in enumerate(means):
         total = total + distance(mean, targets.blocks[:, index], loss)
+    if logit_weight > 0:
+        total = total + logit_weight * logit_divergence(model, final, targets.final, task_ids)
     return total
 
 
@@ -73,6 +97,7 @@ def train_surgery(
     lr: float,
     loss: str = "l1",
     schedule: str = "constant",
+    logit_weight: float = 0.0,
     device: torch.device = torch.device("cpu"),
     seed: int = 0,
     callback: Callable[[int, MultiTaskModel], None] | None = None,
@@ -124,9 +149,12 @@ def train_surgery(
                 adapter = model.final_adapter
                 final = adapter(0, frozen_final[t][rows].to(device), adapter.route(task_ids))
                 task_loss = distance(final, target.final, loss)
+                if logit_weight > 0:
+                    kl = logit_divergence(model, final, target.final, task_ids)
+                    task_loss = task_loss + logit_weight * kl
             else:
                 batch = model.backbone.batch([pool[i] for i in rows], device)
-                task_loss = surgery_loss(model, batch, task_ids, target, loss)
+                task_loss = surgery_loss(model, batch, task_ids, target, loss, logit_weight)
             task_loss.backward()  # gradients of Σ_t accumulate; one step below
             total += task_loss.item()
         optimizer.step()
