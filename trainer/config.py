@@ -43,6 +43,10 @@ class TaskConfig:
     # optional: the task's own validation data (a jsonl / text file, an .npz with x_val and
     # y_val, a folder of class folders or of images) instead of rows held out of train
     validation: str = ""
+    # optional: this task's own unlabeled pool for surgery and AdaMerging (a text/jsonl file,
+    # an .npz or a folder of inputs, e.g. its deployment traffic) instead of [surgery]
+    # unlabeled's; inductive: refused when it shares inputs with a scored test split
+    unlabeled: str = ""
 
 
 @dataclass

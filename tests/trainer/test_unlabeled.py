@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import write_text_task
 from tests.trainer.pool_kit import ANIMALS, distinct_rows, write_distinct_tasks
-from trainer.config import load_config
+from trainer.config import TaskConfig, load_config
 from trainer.data.tasks import load_task
 from trainer.data.unlabeled import content_hash, unlabeled_pool
 from trainer.data.validation import hold_out_validation
@@ -186,3 +186,47 @@ def test_without_validation_rows_the_agreement_inputs_leave_the_pool(tmp_path):
     pool, tasks = _pool(root, "validation.size=0", "surgery.unlabeled='test'")
     assert pool.pools == [list(t.test.inputs) for t in tasks]
     assert all(t.validation is None for t in tasks)
+
+
+def _own_pool(root, own: dict[str, str], *overrides):
+    """The pool when tasks ``own`` (name -> path) give their own unlabeled inputs."""
+    config = load_config("demo", ["validation.size=8", *overrides])
+    config.tasks = [
+        TaskConfig(name=n, path=f"{{data}}/{n}", unlabeled=own.get(n, ""))
+        for n in ("animals", "colours")
+    ]
+    tasks = [load_task(n, f"{{data}}/{n}", root) for n in ("animals", "colours")]
+    hold_out_validation(config, tasks, root)
+    return unlabeled_pool(config, tasks, root), tasks
+
+
+def test_a_tasks_own_pool_replaces_the_shared_source_for_that_task(tmp_path):
+    root = write_distinct_tasks(tmp_path / "data")
+    traffic = [f"a fresh animals request {i}" for i in range(30)]
+    (root / "animals-traffic.txt").write_text("\n".join(traffic) + "\n")
+    pool, tasks = _own_pool(root, {"animals": "{data}/animals-traffic.txt"})
+    assert pool.protocol == "inductive" and pool.source == "train"
+    assert pool.pools[0] == traffic  # all of it: "auto" caps only train pools
+    assert set(pool.pools[1]) <= set(tasks[1].train.inputs) and len(pool.pools[1]) == 24
+    record = pool.record(["animals", "colours"])
+    assert record["origin"] == {"animals": "{data}/animals-traffic.txt", "colours": "train"}
+    assert record["rows"] == {"animals": 30, "colours": 24}
+    assert pool.describe() == "inductive (train inputs; 1 task's own pool)"
+    capped, _ = _own_pool(
+        root, {"animals": "{data}/animals-traffic.txt"}, "surgery.unlabeled_size=5"
+    )
+    assert len(capped.pools[0]) == 5 and set(capped.pools[0]) <= set(traffic)
+    # refused in one line: a copy of a scored test input, an empty or missing file, and a
+    # transductive run
+    test_line = distinct_rows(ANIMALS, 24, 1, 1000)[3][0]
+    (root / "leaky.txt").write_text(f"a fresh request\n{test_line}\n")
+    with pytest.raises(UserError, match="task 'animals': its unlabeled pool .* shares 1 inputs"):
+        _own_pool(root, {"animals": "{data}/leaky.txt"})
+    (root / "empty.txt").write_text("\n")
+    with pytest.raises(UserError, match="task 'colours': unlabeled: .* holds no inputs"):
+        _own_pool(root, {"colours": "{data}/empty.txt"})
+    with pytest.raises(UserError, match="task 'colours': unlabeled: .* does not exist"):
+        _own_pool(root, {"colours": "{data}/nowhere.txt"})
+    with pytest.raises(UserError, match="tasks animals give their own unlabeled pool") as err:
+        _own_pool(root, {"animals": "{data}/animals-traffic.txt"}, "surgery.unlabeled='test'")
+    assert "\n" not in str(err.value)

@@ -11,7 +11,9 @@ bundle manifest:
   either (a task without validation rows has the inputs its agreement score is computed on
   taken out of its pool: ``data.validation.carve_unlabeled_validation``). A user pool
   (``task:<name>``, a file or folder) is inductive too, and refused when it shares inputs
-  with a scored test split.
+  with a scored test split; so is a task's own pool (``[[tasks]] unlabeled``: a file or
+  folder of that task's inputs, e.g. its deployment traffic), which replaces the shared
+  source's for that task.
 - **transductive** (``surgery.unlabeled = "test"``): each task's own test inputs, the paper's
   protocol (arXiv 2410.14389): the adapters learn from the very inputs they are scored on.
 
@@ -72,7 +74,15 @@ class UnlabeledPool:
             "train": "train inputs",
             "test": "test inputs",
         }.get(self.source, self.source if self.source.startswith("task:") else "given inputs")
-        return f"{self.protocol} ({what})"
+        own = [o for o in self.origins if o not in ("train", "test", "inputs", self.source)]
+        mine = (
+            ""
+            if not own
+            else "; 1 task's own pool"
+            if len(own) == 1
+            else f"; {len(own)} tasks' own pools"
+        )
+        return f"{self.protocol} ({what}{mine})"
 
 
 def content_hash(item) -> bytes:
@@ -132,6 +142,7 @@ def unlabeled_pool(config: Config, tasks: list[TaskData], data_root: Path) -> Un
     else:
         shared = _user_pool(source, tasks, data_root)
         pools, origins = [shared] * len(tasks), [source] * len(tasks)
+    pools, origins = _own_pools(config, tasks, pools, origins, protocol, data_root, scored)
     overlap = sum(h in scored for pool in _distinct(pools) for h in _hashes(pool))
     if protocol == "inductive" and overlap:
         raise UserError(
@@ -144,8 +155,14 @@ def unlabeled_pool(config: Config, tasks: list[TaskData], data_root: Path) -> Un
             pool if task.validation is not None else carve_unlabeled_validation(config, task, pool)
             for pool, task in zip(pools, tasks)
         ]
+    own = {t.name for t in config.tasks if t.unlabeled}  # a given pool: "auto" keeps it all
     pools = [
-        _subset(pool, _cap(sc.unlabeled_size, source, task), sc.seed, task.name)
+        _subset(
+            pool,
+            _cap(sc.unlabeled_size, "own" if task.name in own else source, task),
+            sc.seed,
+            task.name,
+        )
         for pool, task in zip(pools, tasks)
     ]
     return UnlabeledPool(
@@ -184,6 +201,40 @@ def _user_pool(source: str, tasks: list[TaskData], data_root: Path) -> list:
             )
         return list(match[0].test.inputs)
     return read_wild(resolve_path(source, data_root))
+
+
+def _own_pools(
+    config: Config,
+    tasks: list[TaskData],
+    pools: list[list],
+    origins: list[str],
+    protocol: str,
+    data_root: Path,
+    scored: set[bytes],
+) -> tuple[list[list], list[str]]:
+    """Each task's own pool (``[[tasks]] unlabeled``) in place of the shared source's; one
+    that shares inputs with a scored test split is refused."""
+    own = {t.name: t.unlabeled for t in config.tasks if t.unlabeled}
+    if not own:
+        return pools, origins
+    if protocol == "transductive":
+        raise UserError(
+            f"tasks {', '.join(sorted(own))} give their own unlabeled pool (inductive) while "
+            f'surgery.unlabeled = "test" (transductive): drop one of the two'
+        )
+    pools, origins = list(pools), list(origins)
+    for i, task in enumerate(tasks):
+        if task.name in own:
+            pools[i] = read_wild(resolve_path(own[task.name], data_root), task.name)
+            origins[i] = own[task.name]
+            shared = sum(h in scored for h in _hashes(pools[i]))
+            if shared:
+                raise UserError(
+                    f"task '{task.name}': its unlabeled pool {own[task.name]} shares {shared} "
+                    f"inputs with the scored test splits, so the inductive protocol would score "
+                    f"inputs surgery learned from; remove them from the pool"
+                )
+    return pools, origins
 
 
 def _distinct(pools: list[list]) -> list[list]:
@@ -227,13 +278,17 @@ def _fraction(pools: list[list], fraction: float, seed: int) -> list[list]:
     return out
 
 
-def read_wild(path: Path) -> list:
-    """Unlabeled inputs from a file or folder; labels, if the file has any, are ignored."""
+def read_wild(path: Path, task: str = "") -> list:
+    """Unlabeled inputs from a file or folder; labels, if the file has any, are ignored.
+    ``task``: the task whose own pool this is (``[[tasks]] unlabeled``), for the errors."""
+    key = f"task '{task}': unlabeled" if task else "surgery.unlabeled"
     if not path.exists():
-        raise UserError(
-            f"surgery.unlabeled: {path} does not exist (expected 'train', 'test', "
-            "'task:<name>', a text/jsonl file, an .npz, or a folder of inputs)"
+        expected = (
+            "a text/jsonl file, an .npz, or a folder of inputs"
+            if task
+            else "'train', 'test', 'task:<name>', a text/jsonl file, an .npz, or a folder of inputs"
         )
+        raise UserError(f"{key}: {path} does not exist (expected {expected})")
     if path.is_file() and path.suffix == ".npz":
         with np.load(path) as z:
             key = "x_test" if "x_test" in z else "x_train"
@@ -253,5 +308,5 @@ def read_wild(path: Path) -> list:
         files = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
         items = [read_image(f) for f in files]
     if not items:
-        raise UserError(f"surgery.unlabeled: {path} holds no inputs (texts or images)")
+        raise UserError(f"{key}: {path} holds no inputs (texts or images)")
     return items
