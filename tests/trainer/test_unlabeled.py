@@ -225,6 +225,9 @@ def test_a_tasks_own_pool_replaces_the_shared_source_for_that_task(tmp_path):
     (root / "empty.txt").write_text("\n")
     with pytest.raises(UserError, match="task 'colours': unlabeled: .* holds no inputs"):
         _own_pool(root, {"colours": "{data}/empty.txt"})
+    np.savez(root / "empty.npz", x_train=np.zeros((0, 4, 4, 3), np.uint8))
+    with pytest.raises(UserError, match="task 'colours': unlabeled: .*empty.npz holds no inputs"):
+        _own_pool(root, {"colours": "{data}/empty.npz"})
     with pytest.raises(UserError, match="task 'colours': unlabeled: .* does not exist"):
         _own_pool(root, {"colours": "{data}/nowhere.txt"})
     with pytest.raises(UserError, match="tasks animals give their own unlabeled pool") as err:

@@ -281,14 +281,14 @@ def _fraction(pools: list[list], fraction: float, seed: int) -> list[list]:
 def read_wild(path: Path, task: str = "") -> list:
     """Unlabeled inputs from a file or folder; labels, if the file has any, are ignored.
     ``task``: the task whose own pool this is (``[[tasks]] unlabeled``), for the errors."""
-    key = f"task '{task}': unlabeled" if task else "surgery.unlabeled"
+    setting = f"task '{task}': unlabeled" if task else "surgery.unlabeled"
     if not path.exists():
         expected = (
             "a text/jsonl file, an .npz, or a folder of inputs"
             if task
             else "'train', 'test', 'task:<name>', a text/jsonl file, an .npz, or a folder of inputs"
         )
-        raise UserError(f"{key}: {path} does not exist (expected {expected})")
+        raise UserError(f"{setting}: {path} does not exist (expected {expected})")
     if path.is_file() and path.suffix == ".npz":
         with np.load(path) as z:
             key = "x_test" if "x_test" in z else "x_train"
@@ -308,5 +308,5 @@ def read_wild(path: Path, task: str = "") -> list:
         files = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
         items = [read_image(f) for f in files]
     if not items:
-        raise UserError(f"{key}: {path} holds no inputs (texts or images)")
+        raise UserError(f"{setting}: {path} holds no inputs (texts or images)")
     return items
