@@ -142,7 +142,8 @@ def unlabeled_pool(config: Config, tasks: list[TaskData], data_root: Path) -> Un
     else:
         shared = _user_pool(source, tasks, data_root)
         pools, origins = [shared] * len(tasks), [source] * len(tasks)
-    pools, origins = _own_pools(config, tasks, pools, origins, protocol, data_root, scored)
+    own = {t.name: t.unlabeled for t in config.tasks if t.unlabeled}  # [[tasks]] unlabeled
+    pools, origins = _own_pools(own, tasks, pools, origins, protocol, data_root, scored)
     overlap = sum(h in scored for pool in _distinct(pools) for h in _hashes(pool))
     if protocol == "inductive" and overlap:
         raise UserError(
@@ -155,7 +156,7 @@ def unlabeled_pool(config: Config, tasks: list[TaskData], data_root: Path) -> Un
             pool if task.validation is not None else carve_unlabeled_validation(config, task, pool)
             for pool, task in zip(pools, tasks)
         ]
-    own = {t.name for t in config.tasks if t.unlabeled}  # a given pool: "auto" keeps it all
+    # a task's own pool is a given pool: "auto" keeps it all
     pools = [
         _subset(
             pool,
@@ -204,7 +205,7 @@ def _user_pool(source: str, tasks: list[TaskData], data_root: Path) -> list:
 
 
 def _own_pools(
-    config: Config,
+    own: dict[str, str],
     tasks: list[TaskData],
     pools: list[list],
     origins: list[str],
@@ -212,9 +213,8 @@ def _own_pools(
     data_root: Path,
     scored: set[bytes],
 ) -> tuple[list[list], list[str]]:
-    """Each task's own pool (``[[tasks]] unlabeled``) in place of the shared source's; one
-    that shares inputs with a scored test split is refused."""
-    own = {t.name: t.unlabeled for t in config.tasks if t.unlabeled}
+    """Each task's own pool (``own``: task name -> its ``[[tasks]] unlabeled``) in place of
+    the shared source's; one that shares inputs with a scored test split is refused."""
     if not own:
         return pools, origins
     if protocol == "transductive":

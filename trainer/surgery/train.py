@@ -73,11 +73,24 @@ def surgery_loss(
     ``logit_weight`` × the heads' KL when it is > 0."""
     deep = model.mode == "surgeryv2"
     final, means = model.representations(batch, task_ids, block_means=deep)
-    total = distance(final, targets.final, loss)
+    total = final_loss(model, final, targets.final, task_ids, loss, logit_weight)
     for index, mean in enumerate(means):
         total = total + distance(mean, targets.blocks[:, index], loss)
+    return total
+
+
+def final_loss(
+    model: MultiTaskModel,
+    final: torch.Tensor,
+    target: torch.Tensor,
+    task_ids: torch.Tensor,
+    loss: str,
+    logit_weight: float,
+) -> torch.Tensor:
+    """The final representation's term: ψ, plus ``logit_weight`` × the heads' KL if > 0."""
+    total = distance(final, target, loss)
     if logit_weight > 0:
-        total = total + logit_weight * logit_divergence(model, final, targets.final, task_ids)
+        total = total + logit_weight * logit_divergence(model, final, target, task_ids)
     return total
 
 
@@ -148,10 +161,7 @@ def train_surgery(
             if frozen_final is not None:
                 adapter = model.final_adapter
                 final = adapter(0, frozen_final[t][rows].to(device), adapter.route(task_ids))
-                task_loss = distance(final, target.final, loss)
-                if logit_weight > 0:
-                    kl = logit_divergence(model, final, target.final, task_ids)
-                    task_loss = task_loss + logit_weight * kl
+                task_loss = final_loss(model, final, target.final, task_ids, loss, logit_weight)
             else:
                 batch = model.backbone.batch([pool[i] for i in rows], device)
                 task_loss = surgery_loss(model, batch, task_ids, target, loss, logit_weight)
