@@ -232,11 +232,12 @@ class Analysis:
         """Test rows ``a`` vs ``b`` on the same rows: the paired test and its verdict."""
         return stats.compare(self.correct[a], self.correct[b], a, b).to_json()
 
-    def surgery(self, mode: str, rank: int | None = None, **kwargs):
-        """A fresh model on the merged backbone with ``mode`` adapters, trained; -> (model,
-        SurgeryResult). ``kwargs`` go to ``Experiment.surgery`` (unlabeled, targets, callback,
-        iterations, ...); iterations default to ``--iterations`` or the config's."""
-        model = self.experiment.model(self.merged_state, mode, rank)
+    def surgery(self, mode: str, rank: int | None = None, attention: bool | None = None, **kwargs):
+        """A fresh model on the merged backbone with ``mode`` adapters (``attention``: with
+        attention adapters, else the config's choice), trained; -> (model, SurgeryResult).
+        ``kwargs`` go to ``Experiment.surgery`` (unlabeled, targets, callback, iterations,
+        ...); iterations default to ``--iterations`` or the config's."""
+        model = self.experiment.model(self.merged_state, mode, rank, attention=attention)
         kwargs.setdefault("iterations", self.iterations)
         return model, self.experiment.surgery(model, **kwargs)
 
@@ -258,7 +259,15 @@ class Analysis:
             "iterations": self.iterations,
             "surgery": {
                 k: getattr(sc, k)
-                for k in ("batch_size", "lr", "loss", "schedule", "logit_weight", "seed")
+                for k in (
+                    "batch_size",
+                    "lr",
+                    "loss",
+                    "schedule",
+                    "logit_weight",
+                    "attention_adapters",
+                    "seed",
+                )
             },
             "unlabeled": sc.unlabeled,
             "chosen_on": self.criterion,

@@ -6,8 +6,8 @@
 Every variant trains fresh SurgeryV2 adapters on the Task Arithmetic merge (the same merge,
 the same unlabeled inputs, the same seeded eval rows) with ONE surgery setting changed from
 the config's ``[surgery]``: ``iterations``, ``rank``, ``lr``, ``loss`` (l1, mse, cos),
-``schedule`` (constant, cosine), ``logit_weight`` or ``batch_size``, written ``key=value``;
-``default`` is the config itself.
+``schedule`` (constant, cosine), ``logit_weight``, ``batch_size`` or ``attention_adapters``
+(true, false), written ``key=value``; ``default`` is the config itself.
 
 Every variant is scored on the VALIDATION rows (held out of each task's train split; by
 agreement with the experts where a task has none) and the best validation average is the
@@ -47,7 +47,7 @@ from trainer.surgery.train import LOSSES, SCHEDULES
 NAME = "surgery_ablation"
 DEFAULT_VARIANTS = (
     "default,iterations=x0.5,iterations=x2,rank=8,rank=32,lr=x0.3,lr=x3,loss=mse,loss=cos,"
-    "schedule=cosine,logit_weight=1,batch_size=x2"
+    "schedule=cosine,logit_weight=1,batch_size=x2,attention_adapters=true"
 )
 KINDS = {
     "iterations": int,
@@ -57,8 +57,10 @@ KINDS = {
     "schedule": str,
     "logit_weight": float,
     "batch_size": int,
+    "attention_adapters": bool,
 }
-CHOICES = {"loss": LOSSES, "schedule": SCHEDULES}  # the settings that are words
+# the settings that are words
+CHOICES = {"loss": LOSSES, "schedule": SCHEDULES, "attention_adapters": ("true", "false")}
 
 
 def main(argv=None) -> int:
@@ -89,20 +91,23 @@ def parse_variants(text: str, defaults: dict) -> list[tuple[str, dict]]:
             )
         kind = KINDS[key]
         try:
-            if kind is str:
-                parsed = value.strip()
+            if kind in (str, bool):
+                parsed = value.strip().lower()
                 if parsed not in CHOICES[key]:
                     raise ValueError
+                if kind is bool:
+                    parsed = parsed == "true"
             elif value.strip().startswith("x"):
                 parsed = kind(float(value.strip()[1:]) * defaults[key])
             else:
                 parsed = kind(value)
         except ValueError:
-            want = f"one of {', '.join(CHOICES[key])}" if kind is str else "a number or xF"
+            want = f"one of {', '.join(CHOICES[key])}" if key in CHOICES else "a number or xF"
             raise UserError(f"--variants: '{item}': {key} must be {want}") from None
-        if kind is not str and parsed <= 0:
+        if kind in (int, float) and parsed <= 0:
             raise UserError(f"--variants: '{item}': {key} must be > 0")
-        out.append((f"{key}={parsed:g}" if kind is not str else f"{key}={parsed}", {key: parsed}))
+        text = f"{parsed:g}" if kind in (int, float) else str(parsed).lower()
+        out.append((f"{key}={text}", {key: parsed}))
     if not out:
         raise UserError("--variants is empty; give e.g. default,rank=8")
     labels = [label for label, _ in out]
@@ -122,6 +127,7 @@ def run(args) -> dict:
         "schedule": sc.schedule,
         "logit_weight": sc.logit_weight,
         "batch_size": sc.batch_size,
+        "attention_adapters": sc.attention_adapters,
     }
     variants = parse_variants(args.variants, defaults)
     check_ranks(config, [v["rank"] for _, v in variants if "rank" in v] or [sc.rank], "--variants")
@@ -132,14 +138,14 @@ def run(args) -> dict:
     rows, models = [], {}
     for label, change in variants:
         settings = {**defaults, **change}
-        rank = settings.pop("rank")
-        model, result = a.surgery("surgeryv2", rank, **settings)
+        rank, attention = settings.pop("rank"), settings.pop("attention_adapters")
+        model, result = a.surgery("surgeryv2", rank, attention, **settings)
         scored = a.validate(model, f"SurgeryV2 {label}")
         rows.append(
             row(
                 scored["acc"],
                 variant=label,
-                settings={**settings, "rank": rank},
+                settings={**settings, "rank": rank, "attention_adapters": attention},
                 gap_closure=a.validation_gap_closure(scored["avg"]),
                 seconds_per_iteration=round(result.seconds_per_iteration, 4),
                 loss_last=result.losses[-1] if result.losses else None,

@@ -199,9 +199,10 @@ def task_subset(
         rank=model.rank,
         branch_block=model.branch_block,
         adapter_form=adapter_form or adapter_form_of(model) or "masked",
+        attention_adapters=model.attention_adapters is not None,
     )
     with torch.no_grad():
-        for name in ("block_adapters", "final_adapter"):
+        for name in ("block_adapters", "attention_adapters", "final_adapter"):
             source, target = getattr(model, name), getattr(subset, name)
             if source is not None:
                 target.down.copy_(source.down[:, indices])

@@ -122,6 +122,9 @@ class SurgeryConfig:
     # SurgeryV2 adapters only after blocks k+1..L: blocks 1..k are shared by every task (a
     # request for all tasks computes them once). 0 = the paper's SurgeryV2, L = Surgery.
     branch_block: int = 0
+    # SurgeryV2 also adapts each adapted block's attention output, before its residual add
+    # (not in the paper; the same adapter form, the same label-free objective)
+    attention_adapters: bool = False
     loss: str = "l1"
     iterations: int = 200
     batch_size: int = 16
@@ -409,6 +412,11 @@ def validate(config: Config) -> None:
         raise UserError(f"surgery.logit_weight must be >= 0 (0: off), got {sc.logit_weight}")
     if sc.branch_block < 0:
         raise UserError(f"surgery.branch_block must be >= 0, got {sc.branch_block}")
+    if sc.attention_adapters and "surgeryv2" not in sc.modes:
+        raise UserError(
+            "surgery.attention_adapters adds to SurgeryV2's block adapters, but surgery.modes "
+            f"{sc.modes} has no 'surgeryv2'; add it or drop attention_adapters"
+        )
     _validate_unlabeled(sc.unlabeled, sc.unlabeled_size)
     if not 0.0 < sc.unlabeled_fraction <= 1.0:
         raise UserError(

@@ -227,9 +227,10 @@ class Experiment:
         mode: str = "none",
         rank: int | None = None,
         branch_block: int | None = None,
+        attention: bool | None = None,
     ) -> MultiTaskModel:
         """A new MultiTaskModel owning a copy of ``state``, with fresh adapters for ``mode``
-        (rank and branch block: the config's unless given)."""
+        (rank, branch block and attention adapters: the config's unless given)."""
         sc = self.config.surgery
         return MultiTaskModel(
             self.backbone(state),
@@ -239,6 +240,7 @@ class Experiment:
             rank or sc.rank,
             self.config.seed,
             sc.branch_block if branch_block is None else branch_block,
+            attention_adapters=sc.attention_adapters if attention is None else attention,
         ).to(self.device)
 
     def surgery(

@@ -118,7 +118,8 @@ def test_rank_sweep(tiny_config, tmp_path, cache):
 
 def test_surgery_ablation(tiny_config, tmp_path, cache, capsys):
     variants = (
-        "default,iterations=x2,rank=2,lr=x3,loss=cos,schedule=cosine,logit_weight=0.5,batch_size=4"
+        "default,iterations=x2,rank=2,lr=x3,loss=cos,schedule=cosine,logit_weight=0.5,batch_size=4,"
+        "attention_adapters=true"
     )
     code = _run(
         surgery_ablation, tiny_config, tmp_path, cache, "--variants", variants, "--iterations", "2"
@@ -134,10 +135,20 @@ def test_surgery_ablation(tiny_config, tmp_path, cache, capsys):
         "schedule=cosine",
         "logit_weight=0.5",
         "batch_size=4",
+        "attention_adapters=true",
     ]
     base = data["defaults"]
     assert base["iterations"] == 2 and data["rows"][0]["delta_points"] == 0.0
-    changes = ["iterations", "rank", "lr", "loss", "schedule", "logit_weight", "batch_size"]
+    changes = [
+        "iterations",
+        "rank",
+        "lr",
+        "loss",
+        "schedule",
+        "logit_weight",
+        "batch_size",
+        "attention_adapters",
+    ]
     for r, changed in zip(data["rows"][1:], changes, strict=True):
         _check_row(r)
         # exactly one setting differs from the defaults
@@ -282,6 +293,11 @@ def test_adamerging_curve_one_recipe_from_a_given_start(tiny_config, tmp_path, c
             "schedule must be one of constant, cosine",
         ),
         (surgery_ablation, ["--variants", "rank=64"], "rank 64 does not fit the backbone width"),
+        (
+            surgery_ablation,
+            ["--variants", "attention_adapters=yes"],
+            "attention_adapters must be one of true, false",
+        ),
         (adamerging_curve, ["--recipes", "paper,magic"], "--recipes: 'magic'; choose from"),
         (adamerging_curve, ["--every", "0"], "--every must be >= 1"),
     ],

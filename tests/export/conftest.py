@@ -19,9 +19,16 @@ TASKS = {
 TINY_VIT = {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32}
 
 
-def build_model(kind: str, mode: str, bert_dir: Path, seed: int = 0, branch_block: int = 0):
+def build_model(
+    kind: str,
+    mode: str,
+    bert_dir: Path,
+    seed: int = 0,
+    branch_block: int = 0,
+    attention_adapters: bool = False,
+):
     """A MultiTaskModel on a tiny backbone with random heads and adapters (seeded); SurgeryV2
-    adapters after blocks ``branch_block``+1..L."""
+    adapters after blocks ``branch_block``+1..L (and on their attention outputs)."""
     if kind == "text":
         backbone = HFTextBackbone(bert_dir, max_length=16)
     else:
@@ -36,7 +43,13 @@ def build_model(kind: str, mode: str, bert_dir: Path, seed: int = 0, branch_bloc
         normalize=backbone.normalize_head,
     )
     model = MultiTaskModel(
-        backbone, heads, list(TASKS), mode=mode, rank=4, branch_block=branch_block
+        backbone,
+        heads,
+        list(TASKS),
+        mode=mode,
+        rank=4,
+        branch_block=branch_block,
+        attention_adapters=attention_adapters,
     ).eval()
     with torch.no_grad():
         for p in model.adapter_parameters():

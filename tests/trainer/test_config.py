@@ -56,6 +56,15 @@ def test_bad_surgery_and_merge_settings(override, message):
         load_config("demo", [override])
 
 
+def test_attention_adapters_need_surgeryv2():
+    cfg = load_config("demo", ["surgery.attention_adapters=true"])
+    assert cfg.surgery.attention_adapters and "surgeryv2" in cfg.surgery.modes
+    with pytest.raises(UserError, match="surgery.modes \\['none', 'surgery'\\] has no 'surgeryv2'"):
+        load_config("demo", ["surgery.attention_adapters=true", "surgery.modes=['none','surgery']"])
+    with pytest.raises(UserError, match="attention_adapters"):
+        load_config("demo", ["surgery.attention_adapters='yes'"])
+
+
 def test_unknown_config_name():
     with pytest.raises(UserError, match="shipped configs: .*text-bench"):
         load_config("no-such-config")

@@ -142,7 +142,7 @@ def test_cli_module_exit_code():
     assert proc.returncode == 2 and proc.stderr.startswith("error: unknown config 'nope'")
 
 
-def test_branch_block_reaches_the_bundle(tiny_config, tmp_path):
+def test_branch_block_and_attention_adapters_reach_the_bundle(tiny_config, tmp_path):
     assert (
         run_fit(
             tiny_config,
@@ -150,14 +150,23 @@ def test_branch_block_reaches_the_bundle(tiny_config, tmp_path):
             "--set",
             "surgery.branch_block=1",
             "--set",
+            "surgery.attention_adapters=true",
+            "--set",
             "output.bundle='task_arithmetic/surgeryv2'",
         )
         == 0
     )
     manifest = json.loads((tmp_path / "out" / "bundle" / "manifest.json").read_text())
-    assert manifest["surgery"] == {"mode": "surgeryv2", "rank": 4, "branch_block": 1}
+    assert manifest["surgery"] == {
+        "mode": "surgeryv2",
+        "rank": 4,
+        "branch_block": 1,
+        "attention_adapters": True,
+    }
     # the row named by the config ships; every merged row still has its validation score
     assert manifest["bundle"]["row"] == "task_arithmetic/surgeryv2"
     assert manifest["bundle"]["criterion"] == "config" and len(manifest["bundle"]["scores"]) == 5
     model, _ = load_bundle(tmp_path / "out" / "bundle")
     assert model.branch_block == 1 and model.block_adapters.down.shape[0] == 1
+    assert model.attention_adapters.down.shape[0] == 1
+    assert model.attention_adapters.up.abs().sum() > 0  # trained, and saved

@@ -46,6 +46,15 @@ class Backbone(nn.Module):
         """Run residual block ``index`` on [B, N, width]."""
         raise NotImplementedError
 
+    def attention_output(self, index: int) -> nn.Module:
+        """The module of block ``index`` whose output [B, N, width] is its attention sublayer's
+        result before the residual add (the attention's output projection, or what scales it):
+        where surgery's attention adapters act, as a forward hook."""
+        raise UserError(
+            f"backbone kind '{self.kind}' does not expose its attention outputs; "
+            "set surgery.attention_adapters = false"
+        )
+
     def token_mean(self, hidden: torch.Tensor, ctx: dict) -> torch.Tensor:
         """Mean over the valid tokens of a block output, [B, N, width] -> [B, width].
 
@@ -149,6 +158,21 @@ class Backbone(nn.Module):
             f"backbone kind '{self.kind}' has no file format for its base; "
             "python -m trainer.export_experts cannot write it"
         )
+
+
+def find_submodule(block: nn.Module, paths: tuple[str, ...], what: str) -> nn.Module:
+    """The first of the dotted ``paths`` that exists under ``block`` (library versions and
+    families name the same submodule differently)."""
+    for path in paths:
+        module = block
+        for part in path.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise UserError(
+        f"cannot find the {what} of {type(block).__name__} (looked for {', '.join(paths)}); "
+        "this architecture is not supported here"
+    )
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

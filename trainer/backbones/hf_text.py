@@ -29,7 +29,7 @@ from transformers import MODEL_MAPPING, AutoConfig, AutoModel, AutoTokenizer
 
 from ..errors import UserError
 from ..hub import is_hub_id, resolve_source
-from .base import Backbone, ExpertWeights
+from .base import Backbone, ExpertWeights, find_submodule
 from .registry import BackboneSettings, register
 
 # config fields that change an encoder's function without changing any tensor's shape: an
@@ -45,6 +45,8 @@ ARCHITECTURE_KEYS = (
 )
 FAMILIES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "mpnet")
 POOLINGS = ("mean", "cls", "max")
+# a block's attention output projection, before its residual add, by family
+ATTENTION_OUTPUTS = ("attention.output.dense", "attention.out_lin", "attention.attn.o")
 DEFAULT_POOLING = "mean"  # all-MiniLM-L6-v2's (sentence-transformers')
 
 # Files of a tokenizer/model directory that the bundle needs to rebuild the architecture.
@@ -197,6 +199,10 @@ class HFTextBackbone(Backbone):
         extra = {"position_bias": ctx["position_bias"]} if "position_bias" in ctx else {}
         out = self.layers[index](hidden, attention_mask=ctx["additive_mask"], **extra)
         return out[0] if isinstance(out, tuple) else out
+
+    def attention_output(self, index):
+        # BERT family: attention.output.dense; DistilBERT: out_lin; MPNet: attention.attn.o
+        return find_submodule(self.layers[index], ATTENTION_OUTPUTS, "attention output")
 
     def token_mean(self, hidden, ctx):
         mask = ctx["mask"].unsqueeze(-1).to(hidden.dtype)

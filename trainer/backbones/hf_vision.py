@@ -46,7 +46,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from ..errors import UserError
 from ..hub import resolve_source
-from .base import Backbone, ExpertWeights
+from .base import Backbone, ExpertWeights, find_submodule
 from .registry import BackboneSettings, register
 
 PROCESSOR_FILE = "preprocessor_config.json"
@@ -143,6 +143,11 @@ def _load_tower(
     while not hasattr(tower, "embeddings"):  # CLIP: unwrap to the vision transformer itself
         tower = tower.vision_model
     return family, tower, projection, config
+
+
+# a block's attention output projection, before its residual add (and DINOv2's layer scale):
+# ViT and DINOv2 (transformers 5; ``attention.output.dense`` in 4), CLIP
+ATTENTION_OUTPUTS = ("attention.o_proj", "attention.output.dense", "self_attn.out_proj")
 
 
 def _blocks(tower: nn.Module) -> nn.ModuleList:
@@ -289,6 +294,11 @@ class HFVisionBackbone(Backbone):
     def block(self, index, hidden, ctx):
         out = _blocks(self.vision_model)[index](hidden, None)
         return out[0] if isinstance(out, tuple) else out
+
+    def attention_output(self, index):
+        return find_submodule(
+            _blocks(self.vision_model)[index], ATTENTION_OUTPUTS, "attention output"
+        )
 
     def token_mean(self, hidden, ctx):
         return hidden.mean(1)

@@ -120,6 +120,11 @@ class OpenClipViTBackbone(Backbone):
     def block(self, index, hidden, ctx):
         return self.visual.transformer.resblocks[index](hidden)
 
+    def attention_output(self, index):
+        # nn.MultiheadAttention projects inside a functional call (a hook on its out_proj
+        # never fires); ls_1 (LayerScale, or Identity) is what the residual add reads
+        return self.visual.transformer.resblocks[index].ls_1
+
     def token_mean(self, hidden, ctx):
         return hidden.mean(1)
 

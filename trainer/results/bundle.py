@@ -175,6 +175,7 @@ def write_bundle(
                 "mode": model.mode,
                 "rank": model.rank,
                 "branch_block": model.branch_block,
+                "attention_adapters": model.attention_adapters is not None,
             },
             "assets": assets,
             "sha256": {name: sha256_file(tmp / name) for name in files},
@@ -266,6 +267,7 @@ def load_bundle(directory: Path) -> tuple[MultiTaskModel, dict]:
         mode=manifest["surgery"]["mode"],
         rank=manifest["surgery"]["rank"],
         branch_block=manifest["surgery"].get("branch_block", 0),  # bundles before the knob: 0
+        attention_adapters=manifest["surgery"].get("attention_adapters", False),
     )
     state = {f"backbone.{k}": v for k, v in load_file(str(directory / WEIGHTS[0])).items()}
     state.update(task_state)

@@ -8,11 +8,14 @@ Representation surgery (SurgeryV2, arXiv 2410.14389): after block l the hidden s
 of task t becomes
     Ẑ = Z − W_up[l, t] · ReLU(W_down[l, t] · Z)          (no bias, on every token)
 and feeds block l + 1; one more adapter acts on the final pooled representation. ``surgery``
-keeps only that final one, ``surgeryv2`` has both.
+keeps only that final one, ``surgeryv2`` has both. ``attention_adapters`` adds a third set to
+SurgeryV2 (not in the paper): the same adapter form on each adapted block's attention output,
+before its residual add (where adapter tuning puts one), trained by the same objective.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -152,9 +155,11 @@ class MultiTaskModel(nn.Module):
         seed: int = 0,
         branch_block: int = 0,
         adapter_form: str = "masked",
+        attention_adapters: bool = False,
     ):
         """``branch_block`` k: SurgeryV2 adapters only after blocks k+1..L (1-based), so blocks
-        1..k are shared by every task (k = 0: the paper's SurgeryV2; k = L: Surgery)."""
+        1..k are shared by every task (k = 0: the paper's SurgeryV2; k = L: Surgery).
+        ``attention_adapters``: SurgeryV2 also adapts the attention output of those blocks."""
         super().__init__()
         if mode not in SURGERY_MODES:
             raise ValueError(f"unknown surgery mode '{mode}'; valid: {', '.join(SURGERY_MODES)}")
@@ -167,12 +172,19 @@ class MultiTaskModel(nn.Module):
         self.branch_block = branch_block if mode == "surgeryv2" else 0
         num_tasks = len(task_names)
         self.block_adapters = None
+        self.attention_adapters = None
         self.final_adapter = None
         adapted = backbone.num_blocks - self.branch_block
         if mode == "surgeryv2" and adapted > 0:  # position p adapts block branch_block + p
             self.block_adapters = Adapters(
                 adapted, num_tasks, rank, backbone.width, seed, adapter_form
             )
+            if attention_adapters:
+                for index in range(self.branch_block, backbone.num_blocks):
+                    backbone.attention_output(index)  # a backbone without one: a UserError now
+                self.attention_adapters = Adapters(
+                    adapted, num_tasks, rank, backbone.width, seed + 2, adapter_form
+                )
         if mode in ("surgery", "surgeryv2"):
             self.final_adapter = Adapters(
                 1, num_tasks, rank, backbone.feature_dim, seed + 1, adapter_form
@@ -190,17 +202,42 @@ class MultiTaskModel(nn.Module):
         """Switch every adapter to ``masked`` or ``gather`` (same maths, different cost)."""
         if form not in ADAPTER_FORMS:
             raise ValueError(f"unknown adapter form '{form}'; valid: {', '.join(ADAPTER_FORMS)}")
-        for adapters in (self.block_adapters, self.final_adapter):
-            if adapters is not None:
-                adapters.form = form
+        for adapters in self.adapter_sets():
+            adapters.form = form
+
+    def adapter_sets(self) -> list[Adapters]:
+        """The model's adapter stacks (block, attention, final), those it has."""
+        sets = (self.block_adapters, self.attention_adapters, self.final_adapter)
+        return [a for a in sets if a is not None]
 
     def adapter_parameters(self) -> list[nn.Parameter]:
-        return [
-            p
-            for a in (self.block_adapters, self.final_adapter)
-            if a is not None
-            for p in a.parameters()
-        ]
+        return [p for a in self.adapter_sets() for p in a.parameters()]
+
+    @contextmanager
+    def _attention_hooks(self, route: torch.Tensor | None):
+        """While open, each adapted block's attention output passes through its task's
+        attention adapter (forward hooks on the backbone's modules, removed on exit: the
+        backbone module may be shared with another model, e.g. an export's task subset)."""
+        handles = []
+        if self.attention_adapters is not None:
+            adapters, first = self.attention_adapters, self.branch_block
+
+            def hook_for(position: int):
+                def hook(module, args, output):
+                    if isinstance(output, tuple):
+                        return (adapters(position, output[0], route), *output[1:])
+                    return adapters(position, output, route)
+
+                return hook
+
+            for index in range(first, self.backbone.num_blocks):
+                module = self.backbone.attention_output(index)
+                handles.append(module.register_forward_hook(hook_for(index - first)))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def representations(
         self,
@@ -228,7 +265,8 @@ class MultiTaskModel(nn.Module):
                 return self.block_adapters(index - first, hidden, route)
 
         fan_out = None if input_index is None else (self.shared_blocks, input_index)
-        final, means = self.backbone.run(batch, after_block, block_means, fan_out)
+        with self._attention_hooks(route):
+            final, means = self.backbone.run(batch, after_block, block_means, fan_out)
         if self.final_adapter is not None:
             final = self.final_adapter(0, final, route)
         return final, means
