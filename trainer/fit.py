@@ -19,6 +19,8 @@ from .errors import run_cli
 from .pipeline import prepare, resolve_device
 from .progress import quiet_libraries
 from .results.bundle import sample_inputs, write_bundle
+from .results.predictions import FILE as CORRECT_FILE
+from .results.predictions import test_rows_record, write_correct
 from .results.report import (
     format_table,
     interval_footnote,
@@ -203,6 +205,10 @@ def fit(config: Config, *, data_root: Path, cache: Path, out: Path, device: str 
     }
     # gap closure and the paired test vs the experts, the compared row chosen on validation
     results |= paired_statistics(rows, correct, config.seed, results.get("bundle"))
+    # every row's per-row correctness, so another run on the same test rows can be paired
+    # with this one later (python -m bench.pair_runs)
+    results["test_rows"] = test_rows_record(exp.tasks)
+    write_correct(out / CORRECT_FILE, correct)
     write_results(out / "results.json", results)
     print(format_table(exp.names, rows))
     print(interval_footnote())
