@@ -181,6 +181,17 @@ class Analysis:
             rows.append(np.sort(rng.choice(n, limit, replace=False)) if limit < n else np.arange(n))
         return rows
 
+    def test_rows_text(self) -> str:
+        """How many test rows a test figure is on: "all 7000 test rows" or "1240 test rows
+        (at most 500 per task)"."""
+        sizes = [
+            len(t.test) if self.eval_rows is None else len(self.eval_rows[i])
+            for i, t in enumerate(self.experiment.tasks)
+        ]
+        if self.eval_rows is None:
+            return f"all {sum(sizes)} test rows"
+        return f"{sum(sizes)} test rows (at most {self.args.eval_limit} per task)"
+
     def _individual(self) -> dict:
         """The experts' test row on the eval subset, from their cached representations."""
         evaluation = self.experiment.individual_accuracy(self.eval_rows)

@@ -176,7 +176,7 @@ def run(args) -> dict:
         f"{config.name}: chosen on {a.criterion} {chosen['variant']} "
         f"({pct(chosen['avg'])} on validation"
         + (f", {chosen['delta_points']:+.1f} vs default" if base is not None else "")
-        + f"); on test {pm(pick)}, gap closure {closure_text(pick['gap_closure'])}"
+        + f"); on {a.test_rows_text()} {pm(pick)}, gap closure {closure_text(pick['gap_closure'])}"
         + (
             ""
             if verdict is None
@@ -221,7 +221,7 @@ def run(args) -> dict:
         [
             [
                 r["variant"] + (" *" if r is chosen else ""),
-                r["seconds_per_iteration"],
+                f"{r['seconds_per_iteration']:.2f}",
                 *(pct(r["acc"][t]) for t in a.names),
                 pct(r["avg"]),
                 "" if r["gap_closure"] is None else f"{100 * r['gap_closure']:.1f}%",
