@@ -10,7 +10,9 @@ no labelled validation rows), never on test. Test numbers (``Analysis.test``) ar
 choice is reported with: every test evaluation in a run scores the same seeded subset of
 ``--eval-limit`` test rows per task, the reference rows (task arithmetic without surgery, the
 individual experts) included, so they can be compared row for row (paired tests, gap closure
-with a paired-bootstrap interval) and each carries its 95 % interval (``ci95``).
+with a paired-bootstrap interval) and each carries its 95 % interval (``ci95``). Each
+row's per-row correctness is kept in ``<out>/<name>.correct.npz`` and the scored rows' hash
+in the JSON's ``test_rows``, so ``python -m bench.pair_runs`` can pair two runs later.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from trainer.pipeline import prepare, resolve_device
 from trainer.progress import quiet_libraries
 from trainer.results import stats
 from trainer.results.evaluate import Evaluation
+from trainer.results.predictions import test_rows_record, write_correct
 from trainer.results.report import save_plot
 
 METHOD = "task_arithmetic"  # the merge every analysis repairs, as in the paper's figures
@@ -293,16 +296,26 @@ class Analysis:
                 for i, t in enumerate(self.experiment.tasks)
             },
             "reference": {"individual": self.individual, METHOD: self.merged},
+            # what `python -m bench.pair_runs` pairs two analyses (or an analysis and a
+            # trainer.fit run) on: the scored test rows' hash and each row's correctness
+            "test_rows": test_rows_record(self.experiment.tasks, self.eval_rows),
+            "correct_file": self.correct_file.name,
             **fields,
             "prepare_s": self.experiment.timing,
             "total_seconds": round(time.perf_counter() - self.started, 1),
         }
 
+    @property
+    def correct_file(self) -> Path:
+        return self.out / f"{self.name}.correct.npz"
+
     def write(self, data: dict, draw: Callable) -> tuple[Path, Path]:
-        """``<out>/<name>.json`` and ``<out>/<name>.png`` (``draw(ax)`` fills the axes)."""
+        """``<out>/<name>.json``, ``<out>/<name>.png`` (``draw(ax)`` fills the axes) and
+        ``<out>/<name>.correct.npz``: every scored test row's per-row correctness, by label."""
         png = self.out / f"{self.name}.png"
         self.out.mkdir(parents=True, exist_ok=True)
         save_plot(png, draw)
+        write_correct(self.correct_file, self.correct)
         return write_result(self.name, data, self.out), png
 
     def references(self, ax) -> None:

@@ -1,16 +1,17 @@
-"""Pair two trainer.fit runs on the same test rows: does a change of config move a row?
+"""Pair two runs on the same test rows: does a change of config move a row?
 
     python -m bench.pair_runs RUN_A RUN_B [--row ROW] [--row-b ROW] [--out DIR]
 
-RUN_A and RUN_B are ``trainer.fit --out`` folders (or their results.json). Each run keeps
-every row's per-row correctness (``correct.npz``) and a hash of the test rows it scored
-(``test_rows`` in results.json). Two independent intervals overlapping say little when both
-runs scored the same inputs; this pairs them: row ROW of run A against row ROW_B of run B
-(default: each run's bundle row; ``--row`` alone names the row of both) with the exact
-McNemar test per task and the stratified paired test of the average (``trainer.results.stats
-.compare``). A task is compared only when both runs scored exactly the same rows (same inputs,
-labels and order); a task in one run only is left out and named. Writes
-``<out>/pair_runs.json``; the last printed line is a one-line summary.
+RUN_A and RUN_B are ``trainer.fit --out`` folders (or their results.json), or the JSON of a
+bench analysis (``bench.surgery_ablation``, ``bench.rank_sweep``, ...). Each run keeps every
+row's per-row correctness (``correct.npz``; an analysis ``<name>.correct.npz``) and a hash of
+the test rows it scored (``test_rows``). Two independent intervals overlapping say little
+when both runs scored the same inputs; this pairs them: row ROW of run A against row ROW_B
+of run B (default: each run's bundle row, an analysis's chosen variant; ``--row`` alone
+names the row of both) with the exact McNemar test per task and the stratified paired test
+of the average (``trainer.results.stats.compare``). A task is compared only when both runs
+scored exactly the same rows (same inputs, labels and order); a task in one run only is
+left out and named. Writes ``<out>/pair_runs.json``; the last printed line is a one-line summary.
 """
 
 from __future__ import annotations
@@ -27,26 +28,41 @@ from trainer.results.predictions import FILE, read_correct
 
 
 def load_run(path: Path, flag: str) -> tuple[Path, dict, dict]:
-    """A run folder (or its results.json) -> (folder, results, {row: {task: bool [N]}})."""
-    folder = path.parent if path.name == "results.json" else path
-    results_file = folder / "results.json"
+    """A trainer.fit folder (or its results.json), or a bench analysis's JSON ->
+    (the run's path, its results, {row: {task: bool [N]}})."""
+    analysis = path.suffix == ".json" and path.name != "results.json"
+    folder = path.parent if path.suffix == ".json" else path
+    results_file = path if analysis else folder / "results.json"
     if not results_file.is_file():
-        raise UserError(f"{flag} {path}: no results.json there; give a trainer.fit --out folder")
+        raise UserError(
+            f"{flag} {path}: no results.json there; give a trainer.fit --out folder or a "
+            "bench analysis's JSON"
+        )
     try:
         results = json.loads(results_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"{flag} {results_file} cannot be read as JSON ({exc})") from None
-    correct_file = folder / FILE
+    if not isinstance(results, dict):
+        raise UserError(f"{flag} {results_file} is not a run's results (a JSON object)")
+    if analysis:
+        # a bench analysis: rows are its own labels; its suite is its config; its pick (a
+        # variant chosen on validation) stands in for the bundle row
+        results.setdefault("suite", results.get("config"))
+        if isinstance(results.get("chosen"), str):
+            results.setdefault("bundle", {"row": results["chosen"]})
+    run = results_file if analysis else folder
+    correct_file = folder / (results.get("correct_file", FILE) if analysis else FILE)
     if not correct_file.is_file() or "test_rows" not in results:
+        what = "bench analyses" if analysis else "runs of trainer.fit"
         raise UserError(
-            f"{flag} {folder} keeps no per-row results ({FILE} and test_rows in results.json); "
-            "runs of trainer.fit from this version on do: run it again"
+            f"{flag} {run} keeps no per-row results ({correct_file.name} and test_rows in "
+            f"{results_file.name}); {what} from this version on do: run it again"
         )
     try:
         correct = read_correct(correct_file)
     except (OSError, ValueError) as exc:
         raise UserError(f"{flag} {correct_file} is not a readable {FILE} ({exc})") from None
-    return folder, results, correct
+    return run, results, correct
 
 
 def pick_row(results: dict, correct: dict, row: str | None, flag: str, run: Path) -> str:
@@ -54,7 +70,10 @@ def pick_row(results: dict, correct: dict, row: str | None, flag: str, run: Path
     if row is None:
         row = (results.get("bundle") or {}).get("row")
         if row is None:
-            raise UserError(f"{run} shipped no bundle row; name the row with {flag}")
+            raise UserError(
+                f"{run} shipped no bundle row (nor chose a variant); name the row with {flag} "
+                f"(its rows: {', '.join(correct)})"
+            )
     if row not in correct:
         raise UserError(f"{flag} '{row}' is not a row of {run}; its rows: {', '.join(correct)}")
     return row
@@ -154,7 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("run_a", type=Path, metavar="RUN_A", help="a trainer.fit --out folder")
+    p.add_argument(
+        "run_a",
+        type=Path,
+        metavar="RUN_A",
+        help="a trainer.fit --out folder, or an analysis's JSON",
+    )
     p.add_argument("run_b", type=Path, metavar="RUN_B", help="another one, on the same tasks")
     p.add_argument("--row", default=None, help="<method>/<mode> of A (and of B without --row-b)")
     p.add_argument("--row-b", default=None, help="<method>/<mode> of B")

@@ -81,3 +81,67 @@ def test_two_runs_pair_on_the_same_rows(tiny_config, tmp_path, capsys):
     (other / "correct.npz").write_bytes(b"not an npz")
     refused([str(run_a), str(other)], "is not a readable correct.npz")
     np.testing.assert_equal(read_correct(run_a / "correct.npz"), correct_a)  # untouched
+
+
+def _ablation(config, root, *extra):
+    """bench.surgery_ablation on the data and cache of ``_fit`` -> its JSON's path."""
+    from bench import surgery_ablation
+
+    argv = ["--config", str(config), "--data", str(root / "data"), "--cache", str(root / "cache")]
+    argv += ["--out", str(root / "ablation"), "--device", "cpu", "--iterations", "2"]
+    assert surgery_ablation.main([*argv, "--variants", "default,rank=2", *extra]) == 0
+    return root / "ablation" / "surgery_ablation_tiny.json"
+
+
+def test_an_analysis_pairs_with_itself_and_with_a_fit_run(tiny_config, tmp_path, capsys):
+    """A bench analysis keeps its rows' correctness too: its variants pair with each other,
+    and its experts' row with a trainer.fit run's on the same rows (the same experts, so the
+    very same correctness); an --eval-limit subset is refused against the full rows."""
+    run = _fit(tiny_config, tmp_path, "fit")
+    analysis = _ablation(tiny_config, tmp_path, "--eval-limit", "0")
+    data = json.loads(analysis.read_text())
+    assert data["correct_file"] == "surgery_ablation_tiny.correct.npz"
+    fit_results = json.loads((run / "results.json").read_text())
+    assert data["test_rows"] == fit_results["test_rows"]  # all test rows, same hash
+    correct = read_correct(analysis.parent / data["correct_file"])
+    assert {"individual", "task_arithmetic", *data["test"]} <= set(correct)
+    for label, entry in data["test"].items():
+        for task, acc in entry["acc"].items():
+            assert correct[label][task].mean() == pytest.approx(acc)
+
+    out = tmp_path / "res"
+    # default: the analysis's chosen variant, on both sides
+    assert pair_runs.main([str(analysis), str(analysis), "--out", str(out)]) == 0
+    paired = json.loads((out / "pair_runs.json").read_text())
+    assert paired["a"]["row"] == paired["b"]["row"] == data["chosen"]
+    assert paired["a"]["suite"] == "tiny" and paired["comparison"]["difference"] == 0
+    capsys.readouterr()
+
+    # the analysis's experts against the fit run's: identical rows, identical correctness
+    args = [str(analysis), str(run), "--row", "individual", "--row-b", "individual/none"]
+    assert pair_runs.main([*args, "--out", str(out)]) == 0
+    paired = json.loads((out / "pair_runs.json").read_text())
+    fit_correct = read_correct(run / "correct.npz")["individual/none"]
+    np.testing.assert_equal(correct["individual"], fit_correct)
+    assert paired["comparison"]["difference"] == 0 and paired["tasks"] == ["animals", "colours"]
+    assert (
+        capsys.readouterr()
+        .out.strip()
+        .splitlines()[-1]
+        .startswith("tiny individual (A) vs tiny individual/none (B)")
+    )
+
+    # a subset of the test rows is not the same rows: refused in one line
+    subset = _ablation(tiny_config, tmp_path, "--eval-limit", "16")
+    assert json.loads(subset.read_text())["test_rows"]["animals"]["rows"] == 16
+    capsys.readouterr()
+    (out / "pair_runs.json").unlink()
+    args = [str(subset), str(run), "--row", "individual", "--row-b", "individual/none"]
+    assert pair_runs.main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "task animals was scored on other test rows" in err and "\n" not in err
+    assert "(16 vs 24 rows" in err and not (out / "pair_runs.json").exists()
+    # an analysis JSON without its correctness file
+    (subset.parent / "surgery_ablation_tiny.correct.npz").unlink()
+    assert pair_runs.main([str(subset), str(run), "--row", "x", "--out", str(out)]) == 2
+    assert "keeps no per-row results (surgery_ablation_tiny.correct.npz" in capsys.readouterr().err

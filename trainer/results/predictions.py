@@ -1,9 +1,10 @@
 """Per-row correctness of a run, kept beside its results.json so two runs can be paired later.
 
 ``correct.npz`` holds one bool [N_t] array per (row, task), keyed ``"<method>/<mode>|<task>"``
-(the row keys of ``results.json``), compressed. ``results.json`` records ``test_rows``: per task
-the number of scored test rows and a sha256 over each row's input and label in order, so a
-comparison of two runs is refused unless they scored the very same rows.
+(the row keys of ``results.json``; a bench analysis keys its own row labels), compressed.
+``results.json`` records ``test_rows``: per task the number of scored test rows and a sha256
+over each row's input and label in order, so a comparison of two runs is refused unless they
+scored the very same rows.
 """
 
 from __future__ import annotations
@@ -21,16 +22,18 @@ FILE = "correct.npz"
 SEPARATOR = "|"
 
 
-def test_rows_record(tasks) -> dict[str, dict]:
-    """-> {task: {"rows": n, "sha256": digest of its (input, label) rows in order}}."""
+def test_rows_record(tasks, rows: list | None = None) -> dict[str, dict]:
+    """-> {task: {"rows": n, "sha256": digest of its (input, label) rows in order}};
+    ``rows[t]`` (indices) when task t was scored on a subset of its test rows only."""
     record = {}
-    for task in tasks:
-        digest = hashlib.sha256()
+    for t, task in enumerate(tasks):
         labels = task.test.labels
-        for i, item in enumerate(task.test.inputs):
-            digest.update(content_hash(item))
+        scored = range(len(task.test.inputs)) if rows is None else [int(i) for i in rows[t]]
+        digest = hashlib.sha256()
+        for i in scored:
+            digest.update(content_hash(task.test.inputs[i]))
             digest.update(b"-" if labels is None else str(int(labels[i])).encode())
-        record[task.name] = {"rows": len(task.test.inputs), "sha256": digest.hexdigest()}
+        record[task.name] = {"rows": len(scored), "sha256": digest.hexdigest()}
     return record
 
 
