@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import RESULTS, print_table, write_result
@@ -27,9 +28,36 @@ from trainer.results import stats
 from trainer.results.predictions import FILE, read_correct
 
 
-def load_run(path: Path, flag: str) -> tuple[Path, dict, dict]:
-    """A trainer.fit folder (or its results.json), or a bench analysis's JSON ->
-    (the run's path, its results, {row: {task: bool [N]}})."""
+@dataclass(frozen=True)
+class Run:
+    """One loaded run: where it is, its suite, the row it stands for by default (a fit's
+    bundle row, an analysis's variant chosen on validation), the hash of its scored test
+    rows and every row's per-row correctness."""
+
+    path: Path
+    suite: str | None
+    default_row: str | None
+    test_rows: dict
+    correct: dict  # {row: {task: bool [N]}}
+
+    def row(self, row: str | None, flag: str) -> str:
+        """The row to compare: ``row``, else the run's default row."""
+        if row is None:
+            row = self.default_row
+            if row is None:
+                raise UserError(
+                    f"{self.path} shipped no bundle row (nor chose a variant); name the row "
+                    f"with {flag} (its rows: {', '.join(self.correct)})"
+                )
+        if row not in self.correct:
+            raise UserError(
+                f"{flag} '{row}' is not a row of {self.path}; its rows: {', '.join(self.correct)}"
+            )
+        return row
+
+
+def load_run(path: Path, flag: str) -> Run:
+    """A trainer.fit folder (or its results.json), or a bench analysis's JSON."""
     analysis = path.suffix == ".json" and path.name != "results.json"
     folder = path.parent if path.suffix == ".json" else path
     results_file = path if analysis else folder / "results.json"
@@ -44,14 +72,15 @@ def load_run(path: Path, flag: str) -> tuple[Path, dict, dict]:
         raise UserError(f"{flag} {results_file} cannot be read as JSON ({exc})") from None
     if not isinstance(results, dict):
         raise UserError(f"{flag} {results_file} is not a run's results (a JSON object)")
-    if analysis:
-        # a bench analysis: rows are its own labels; its suite is its config; its pick (a
-        # variant chosen on validation) stands in for the bundle row
-        results.setdefault("suite", results.get("config"))
-        if isinstance(results.get("chosen"), str):
-            results.setdefault("bundle", {"row": results["chosen"]})
-    run = results_file if analysis else folder
-    correct_file = folder / (results.get("correct_file", FILE) if analysis else FILE)
+    if analysis:  # rows are the analysis's own labels; its suite is its config
+        run, suite = results_file, results.get("config")
+        chosen = results.get("chosen")
+        default_row = chosen if isinstance(chosen, str) else None
+        correct_file = folder / results.get("correct_file", f"{path.stem}.correct.npz")
+    else:
+        run, suite = folder, results.get("suite")
+        default_row = (results.get("bundle") or {}).get("row")
+        correct_file = folder / FILE
     if not correct_file.is_file() or "test_rows" not in results:
         what = "bench analyses" if analysis else "runs of trainer.fit"
         raise UserError(
@@ -62,51 +91,36 @@ def load_run(path: Path, flag: str) -> tuple[Path, dict, dict]:
         correct = read_correct(correct_file)
     except (OSError, ValueError) as exc:
         raise UserError(f"{flag} {correct_file} is not a readable {FILE} ({exc})") from None
-    return run, results, correct
-
-
-def pick_row(results: dict, correct: dict, row: str | None, flag: str, run: Path) -> str:
-    """The row to compare: ``row``, else the run's bundle row."""
-    if row is None:
-        row = (results.get("bundle") or {}).get("row")
-        if row is None:
-            raise UserError(
-                f"{run} shipped no bundle row (nor chose a variant); name the row with {flag} "
-                f"(its rows: {', '.join(correct)})"
-            )
-    if row not in correct:
-        raise UserError(f"{flag} '{row}' is not a row of {run}; its rows: {', '.join(correct)}")
-    return row
+    return Run(run, suite, default_row, results["test_rows"], correct)
 
 
 def pair(a_path: Path, b_path: Path, row_a: str | None = None, row_b: str | None = None) -> dict:
     """Row ``row_a`` of run A against row ``row_b`` of run B (default: A's row when one is
-    named, else each run's bundle row), paired on the tasks both scored on the same rows."""
-    run_a, results_a, correct_a = load_run(a_path, "RUN_A")
-    run_b, results_b, correct_b = load_run(b_path, "RUN_B")
-    flag_b = "--row" if row_b is None else "--row-b"
-    row_a = pick_row(results_a, correct_a, row_a, "--row", run_a)
-    row_b = pick_row(results_b, correct_b, row_a if row_b is None else row_b, flag_b, run_b)
-    rows_a, rows_b = results_a["test_rows"], results_b["test_rows"]
+    named, else each run's default row), paired on the tasks both scored on the same rows."""
+    run_a, run_b = load_run(a_path, "RUN_A"), load_run(b_path, "RUN_B")
+    row_a = run_a.row(row_a, "--row")
+    row_b = run_b.row(row_a if row_b is None else row_b, "--row" if row_b is None else "--row-b")
+    rows_a, rows_b = run_a.test_rows, run_b.test_rows
     common = [t for t in rows_a if t in rows_b]
     differ = [t for t in common if rows_a[t]["sha256"] != rows_b[t]["sha256"]]
     if differ:
         raise UserError(
-            f"task {differ[0]} was scored on other test rows in {run_a} than in {run_b} "
-            f"({rows_a[differ[0]]['rows']} vs {rows_b[differ[0]]['rows']} rows, different "
-            "content or order): runs can only be paired on the same rows"
+            f"task {differ[0]} was scored on other test rows in {run_a.path} than in "
+            f"{run_b.path} ({rows_a[differ[0]]['rows']} vs {rows_b[differ[0]]['rows']} rows, "
+            "different content or order): runs can only be paired on the same rows"
         )
-    scored = [t for t in common if t in correct_a[row_a] and t in correct_b[row_b]]
+    correct_a, correct_b = run_a.correct[row_a], run_b.correct[row_b]
+    scored = [t for t in common if t in correct_a and t in correct_b]
     if not scored:
-        raise UserError(f"{run_a} and {run_b} have no labelled task in common to pair on")
+        raise UserError(f"{run_a.path} and {run_b.path} have no labelled task in common to pair on")
     left_out = sorted((set(rows_a) | set(rows_b)) - set(scored))
     name_a, name_b = f"A {row_a}", f"B {row_b}"
-    a = {t: correct_a[row_a][t] for t in scored}
-    b = {t: correct_b[row_b][t] for t in scored}
+    a = {t: correct_a[t] for t in scored}
+    b = {t: correct_b[t] for t in scored}
     comparison = stats.compare(a, b, name_a, name_b)
     return {
-        "a": {"run": str(run_a), "suite": results_a.get("suite"), "row": row_a},
-        "b": {"run": str(run_b), "suite": results_b.get("suite"), "row": row_b},
+        "a": {"run": str(run_a.path), "suite": run_a.suite, "row": row_a},
+        "b": {"run": str(run_b.path), "suite": run_b.suite, "row": row_b},
         "tasks": scored,
         "left_out": left_out,
         "acc": {
@@ -145,7 +159,7 @@ def report(data: dict) -> str:
         f"{data['a']['suite']} {data['a']['row']} (A) vs {data['b']['suite']} "
         f"{data['b']['row']} (B) on {len(data['tasks'])} tasks' same test rows: A "
         f"{comparison['verdict']} B, {100 * comparison['difference']:+.1f} points "
-        f"[{100 * lo:+.1f}, {100 * hi:+.1f}], p = {stats.p_text(comparison['p_value'])}"
+        f"[{100 * lo:+.1f}, {100 * hi:+.1f}], {stats.p_clause(comparison['p_value'])}"
         + (
             f"; left out (not in both runs): {', '.join(data['left_out'])}"
             if data["left_out"]

@@ -181,7 +181,7 @@ def run(args) -> dict:
             ""
             if verdict is None
             else f", vs default {pm(test_rows['default'])}: {verdict['verdict']} "
-            f"(p = {stats.p_text(verdict['p_value'])})"
+            f"({stats.p_clause(verdict['p_value'])})"
         )
         + f"; {a.reference_text()}"
     )

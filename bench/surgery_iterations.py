@@ -30,7 +30,7 @@ from bench.analysis import (
 )
 from bench.common import print_table
 from trainer.errors import UserError
-from trainer.results.stats import p_text
+from trainer.results.stats import p_clause
 
 NAME = "surgery_iterations"
 MODES = ("surgery", "surgeryv2")
@@ -100,7 +100,7 @@ def run(args) -> dict:
     summary = (
         f"{config.name}: SurgeryV2 at {v2_point['iteration']} it {pm(v2_point)} "
         f"{paired['verdict']} Surgery at {v1_point['iteration']} it {pm(v1_point)} "
-        f"(paired p = {p_text(paired['p_value'])}); {a.reference_text()}"
+        f"({p_clause(paired['p_value'], 'paired p')}); {a.reference_text()}"
     )
     data = a.result(
         iterations=budgets,

@@ -194,8 +194,8 @@ def summary_line(suite: str, rows: list[dict], paired: dict) -> str:
         chosen = how.get(chosen_by, "best on test")
     return (
         f"{text} ({chosen}) vs individual {_avg_text(individual)}: {comparison['verdict']} "
-        f"({100 * comparison['difference']:+.1f} points, paired p = "
-        f"{stats.p_text(comparison['p_value'])})"
+        f"({100 * comparison['difference']:+.1f} points, "
+        f"{stats.p_clause(comparison['p_value'], 'paired p')})"
     )
 
 

@@ -241,12 +241,18 @@ class Comparison:
         """``beats individual (+0.3 points, p = 0.021)``: the verdict as a phrase."""
         return (
             f"{self.verdict} {self.b} ({100 * self.difference:+.1f} points, "
-            f"p = {p_text(self.p_value)})"
+            f"{p_clause(self.p_value)})"
         )
 
 
 def p_text(p: float) -> str:
+    """A p-value for a table cell: ``0.021`` or ``< 0.001``."""
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def p_clause(p: float, name: str = "p") -> str:
+    """A p-value in a sentence: ``p = 0.021`` or ``p < 0.001``."""
+    return f"{name} < 0.001" if p < 0.001 else f"{name} = {p:.3f}"
 
 
 def verdict(difference: float, p_value: float, alpha: float = ALPHA) -> str:
